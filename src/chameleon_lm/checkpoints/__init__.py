@@ -1,0 +1,1 @@
+"""Checkpoint layouts: chameleon-lm, Hugging Face and Meta."""

@@ -1,0 +1,39 @@
+"""The ``chameleon`` console script: one entry point, one subcommand per stage."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="chameleon", description="chameleon-lm: early-fusion mixed-modal models."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    from chameleon_lm.data import synth
+
+    data = sub.add_parser("data", help="datasets").add_subparsers(
+        dest="data_command", required=True, metavar="DATA_COMMAND"
+    )
+    synth.add_cli(data)
+
+    from chameleon_lm import quickstart
+
+    quickstart.add_cli(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"chameleon: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

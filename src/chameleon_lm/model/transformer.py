@@ -1,0 +1,262 @@
+"""The Chameleon decoder: LLaMA-2 with QK-norm and (for 34B) norm re-ordering.
+
+One transformer over one vocabulary of text and image tokens. The model is single-device and returns raw
+logits over the whole vocabulary: no modality masking happens here (that is the generation engine's job).
+
+Conventions:
+- Parameter names are Meta's (``tok_embeddings``, ``layers.{i}.attention.wq``, ``feed_forward.w1``, …).
+- Rotary embeddings use the rotate-half layout, so ``wq``/``wk`` rows are in the Hugging Face order. Meta's
+  interleaved checkpoints are permuted once at load time (an exact permutation), not at run time.
+- QK-norm parameters are stored per head, ``[n_heads, head_dim]``: one row per head covers the 7B case
+  (all rows equal) and the 30B case (4 model-parallel groups) alike.
+
+Shape legend: B batch, T new tokens, S keys (cache length), D model dim, H query heads, K key/value
+heads, E head dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from chameleon_lm.model.config import ChameleonConfig
+
+
+class RMSNorm(nn.Module):
+    """``x · rsqrt(mean(x²) + eps) · weight``, computed in fp32 (weight multiply included) as Meta does."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+
+class HeadLayerNorm(nn.Module):
+    """QK-norm: a LayerNorm over ``head_dim`` of each head, with its own weight and bias per head."""
+
+    def __init__(self, n_heads: int, head_dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(n_heads, head_dim))
+        self.bias = nn.Parameter(torch.zeros(n_heads, head_dim))
+
+    def forward(self, x_BTHE: torch.Tensor) -> torch.Tensor:
+        y = F.layer_norm(x_BTHE.float(), (x_BTHE.shape[-1],), eps=self.eps)
+        return (y * self.weight.float() + self.bias.float()).to(x_BTHE.dtype)
+
+
+def rope_cos_sin(
+    positions_BT: torch.Tensor, head_dim: int, theta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables ``[B, 1, T, E]`` (fp32) for the rotate-half layout."""
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, device=positions_BT.device).float() / head_dim)
+    )
+    freqs = positions_BT[..., None].float() * inv_freq  # [B, T, E/2]
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, E]
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x_BHTE: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x = x_BHTE.float()
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x * cos + rotated * sin).to(x_BHTE.dtype)
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, for incremental decoding.
+
+    Rows may be left-padded (``pad[b]`` pad tokens before row b's first real token, as in batched
+    generation with prompts of different lengths): pads are never attended to and positions start at 0
+    on each row's first real token, exactly as if the row had been run alone.
+    """
+
+    def __init__(
+        self,
+        config: ChameleonConfig,
+        batch_size: int,
+        max_len: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+        pad: torch.Tensor | None = None,
+    ):
+        shape = (config.n_layers, batch_size, config.kv_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.length = 0
+        if pad is not None:
+            pad = pad.to(device=device, dtype=torch.long)
+            if pad.shape != (batch_size,) or pad.min() < 0:
+                raise ValueError(f"pad must be non-negative of shape ({batch_size},), got {pad}")
+        self.pad = pad
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    def update(
+        self, layer: int, k_BKTE: torch.Tensor, v_BKTE: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new keys/values of ``layer`` and return all of them so far ``[B, K, S, E]``."""
+        end = self.length + k_BKTE.shape[2]
+        self.k[layer, :, :, self.length : end] = k_BKTE
+        self.v[layer, :, :, self.length : end] = v_BKTE
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ChameleonConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.head_dim
+        self.wq = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
+        self.q_normalization = HeadLayerNorm(self.n_heads, self.head_dim, config.qk_norm_eps)
+        self.k_normalization = HeadLayerNorm(self.n_kv_heads, self.head_dim, config.qk_norm_eps)
+
+    def forward(
+        self,
+        x_BTD: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+        layer: int,
+    ) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        q = self.q_normalization(self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim))
+        k = self.k_normalization(self.wk(x_BTD).view(B, T, self.n_kv_heads, self.head_dim))
+        v = self.wv(x_BTD).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H|K, T, E]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # [B, K, S, E]
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and cache is None and T > 1,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )  # [B, H, T, E]
+        return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: ``w2(silu(w1 x) · w3 x)``."""
+
+    def __init__(self, config: ChameleonConfig):
+        super().__init__()
+        self.w1 = nn.Linear(config.dim, config.ffn_dim, bias=False)
+        self.w3 = nn.Linear(config.dim, config.ffn_dim, bias=False)
+        self.w2 = nn.Linear(config.ffn_dim, config.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: ChameleonConfig, layer: int):
+        super().__init__()
+        self.layer, self.swin_norm, self.dropout = layer, config.swin_norm, config.dropout
+        self.attention = Attention(config)
+        self.feed_forward = FeedForward(config)
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache):
+        drop = lambda t: F.dropout(t, self.dropout, self.training)  # noqa: E731
+        if self.swin_norm:  # 34B: norm on each sub-layer's output, inside the residual
+            h = x + drop(self.attention_norm(self.attention(x, cos, sin, mask, cache, self.layer)))
+            return h + drop(self.ffn_norm(self.feed_forward(h)))
+        h = x + drop(self.attention(self.attention_norm(x), cos, sin, mask, cache, self.layer))
+        return h + drop(self.feed_forward(self.ffn_norm(h)))
+
+
+class Chameleon(nn.Module):
+    """The Chameleon decoder. ``forward(input_ids[B, T]) -> logits[B, T, V]`` (fp32, unmasked)."""
+
+    def __init__(self, config: ChameleonConfig):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """N(0, init_std) for embeddings and projections; residual outputs scaled by 1/sqrt(2·layers)."""
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+                nn.init.normal_(p, std=std / math.sqrt(2 * self.config.n_layers))
+            elif p.ndim == 2 and "normalization" not in name:
+                nn.init.normal_(p, std=std)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+            else:
+                nn.init.ones_(p)
+
+    def new_cache(
+        self, batch_size: int, max_len: int | None = None, pad: torch.Tensor | None = None
+    ) -> KVCache:
+        """An empty KV cache on the model's device and dtype."""
+        w = self.output.weight
+        return KVCache(
+            self.config, batch_size, max_len or self.config.max_seq_len,
+            device=w.device, dtype=w.dtype, pad=pad,
+        )
+
+    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Final-normed hidden states ``[B, T, D]`` (the training loss applies the head in chunks)."""
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        start = 0 if cache is None else cache.length
+        if cache is not None:
+            if cache.batch_size != B:
+                raise ValueError(f"cache holds {cache.batch_size} rows, input has {B}")
+            if start + T > cache.max_len:
+                raise ValueError(f"cache overflow: {start} + {T} tokens > max_len {cache.max_len}")
+        positions, mask = self._positions_and_mask(B, T, start, cache, input_ids.device)
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+        h = self.tok_embeddings(input_ids)
+        for layer in self.layers:
+            h = layer(h, cos, sin, mask, cache)
+        if cache is not None:
+            cache.length += T
+        return self.norm(h)
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        return self.output(self.hidden_states(input_ids, cache)).float()
+
+    @staticmethod
+    def _positions_and_mask(
+        B: int, T: int, start: int, cache: KVCache | None, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-row positions ``[B, T]`` and a boolean attention mask ``[B, 1, T, S]`` (None = causal/all)."""
+        q_pos = torch.arange(start, start + T, device=device)  # absolute slots in the cache
+        pad = cache.pad if cache is not None else None
+        if pad is None:
+            positions = q_pos.expand(B, T)
+            if cache is None or T == 1:
+                return positions, None  # plain causal (SDPA is_causal), or one query seeing all keys
+            k_pos = torch.arange(start + T, device=device)
+            return positions, (k_pos[None, :] <= q_pos[:, None])[None, None]
+        positions = (q_pos[None, :] - pad[:, None]).clamp(min=0)
+        k_pos = torch.arange(start + T, device=device)
+        causal = k_pos[None, None, :] <= q_pos[None, :, None]  # [1, T, S]
+        real = k_pos[None, None, :] >= pad[:, None, None]  # [B, 1, S]
+        # A pad query attends to itself only, so no row of the mask is empty (SDPA would give NaN).
+        own = k_pos[None, None, :] == q_pos[None, :, None]
+        return positions, ((causal & real) | own)[:, None]

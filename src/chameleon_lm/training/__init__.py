@@ -1,0 +1,1 @@
+"""Training: losses, schedules, optimizer set-up and the training loop."""

@@ -1,0 +1,36 @@
+"""AdamW with the paper's defaults and weight decay only on matrices that are not embeddings."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: decayed (weights of linear and convolution layers) and not decayed (everything
+    else: norms and QK-norms, biases, embeddings, codebooks)."""
+    decay_ids = {
+        id(m.weight) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))
+    }
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if id(p) in decay_ids else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_adamw(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float = 0.1,
+    betas: tuple[float, float] = (0.9, 0.95),
+    eps: float = 1e-5,
+) -> torch.optim.AdamW:
+    """AdamW(β1 0.9, β2 0.95, ε 1e-5, weight decay 0.1): the Chameleon pre-training settings."""
+    fused = all(p.is_cuda for p in model.parameters()) or None
+    return torch.optim.AdamW(
+        param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, fused=fused
+    )

@@ -1,0 +1,160 @@
+"""The transformer: presets, block orders, KV cache, padding."""
+
+import pytest
+import torch
+
+from chameleon_lm import Chameleon, ChameleonConfig
+
+
+def spec_param_count(dim, layers, heads, kv_heads, ffn, vocab=65536, head_dim=128):
+    """Parameter count re-derived from the spec's dimensions (independent of the model code)."""
+    attn = 2 * dim * heads * head_dim + 2 * dim * kv_heads * head_dim
+    qk_norm = 2 * head_dim * (heads + kv_heads)
+    per_layer = attn + qk_norm + 3 * dim * ffn + 2 * dim
+    return layers * per_layer + 2 * vocab * dim + dim
+
+
+@pytest.mark.parametrize(
+    "name,expected,approx",
+    [
+        ("7b", spec_param_count(4096, 32, 32, 32, 11008), 7.0e9),
+        ("30b", spec_param_count(8192, 48, 64, 8, 22016), 34.3e9),
+    ],
+)
+def test_official_presets_have_official_sizes(name, expected, approx):
+    cfg = ChameleonConfig.preset(name)
+    with torch.device("meta"):
+        model = Chameleon(cfg)
+    n = sum(p.numel() for p in model.parameters())
+    assert n == expected == cfg.num_params()
+    assert abs(n - approx) / approx < 0.002  # the spec's rounded figures (7.0 B, 34.3 B)
+    assert cfg.vocab_size == 65536 and cfg.head_dim == 128 and cfg.max_seq_len == 4096
+
+
+def test_official_preset_shapes():
+    seven, thirty = ChameleonConfig.preset("7b"), ChameleonConfig.preset("30b")
+    assert (seven.dim, seven.n_layers, seven.n_heads, seven.kv_heads, seven.ffn_dim) == (4096, 32, 32, 32, 11008)
+    assert (thirty.dim, thirty.n_layers, thirty.n_heads, thirty.kv_heads, thirty.ffn_dim) == (8192, 48, 64, 8, 22016)
+    assert not seven.swin_norm and thirty.swin_norm
+    small = ChameleonConfig.preset("small")
+    assert (small.dim, small.n_layers, small.n_heads, small.ffn_dim, small.vocab_size) == (512, 8, 8, 1408, 65536)
+    with torch.device("meta"):
+        m = Chameleon(thirty)
+    attn = m.layers[0].attention
+    assert attn.wk.weight.shape == (1024, 8192) and attn.q_normalization.weight.shape == (64, 128)
+    assert attn.k_normalization.bias.shape == (8, 128)
+    assert not any(n.endswith("bias") and "normalization" not in n for n, _ in m.named_parameters())
+
+
+def test_unknown_preset_and_bad_config():
+    with pytest.raises(KeyError, match="tiny"):
+        ChameleonConfig.preset("13b")
+    with pytest.raises(ValueError, match="divisible"):
+        ChameleonConfig(dim=100, n_heads=3)
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        ChameleonConfig(dim=64, n_heads=4, n_kv_heads=3)
+
+
+def test_config_json_round_trip(tmp_path):
+    cfg = ChameleonConfig.preset("tiny", swin_norm=True, dropout=0.1)
+    cfg.save(tmp_path / "c.json")
+    assert ChameleonConfig.load(tmp_path / "c.json") == cfg
+    with pytest.raises(ValueError, match="unknown field"):
+        ChameleonConfig.from_dict({**cfg.to_dict(), "n_experts": 8})
+
+
+@pytest.mark.parametrize("swin", [False, True])
+def test_forward_shapes_and_block_order(swin):
+    cfg = ChameleonConfig.preset("tiny", swin_norm=swin)
+    model = Chameleon(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (3, 17))
+    logits = model(ids)
+    assert logits.shape == (3, 17, cfg.vocab_size) and logits.dtype == torch.float32
+    assert torch.isfinite(logits).all()
+    # The other block order with the same weights computes something else.
+    other = Chameleon(cfg.replace(swin_norm=not swin)).eval()
+    other.load_state_dict(model.state_dict())
+    assert not torch.allclose(other(ids), logits)
+
+
+def test_causality():
+    cfg = ChameleonConfig.preset("tiny")
+    model = Chameleon(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (1, 12))
+    changed = ids.clone()
+    changed[0, 8:] = (changed[0, 8:] + 1) % cfg.vocab_size
+    torch.testing.assert_close(model(ids)[:, :8], model(changed)[:, :8])
+
+
+@pytest.mark.parametrize("swin", [False, True])
+@pytest.mark.parametrize("kv_heads", [None, 2, 1])
+def test_kv_cache_decode_equals_full_forward(swin, kv_heads):
+    cfg = ChameleonConfig.preset("tiny", swin_norm=swin, n_kv_heads=kv_heads)
+    model = Chameleon(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 20))
+    full = model(ids)
+    cache = model.new_cache(2, max_len=32)
+    steps = [model(ids[:, :7], cache), model(ids[:, 7:12], cache)]  # chunked prefill
+    steps += [model(ids[:, t : t + 1], cache) for t in range(12, 20)]
+    assert cache.length == 20
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_left_padded_rows_match_unpadded_rows():
+    cfg = ChameleonConfig.preset("tiny")
+    model = Chameleon(cfg).eval()
+    a = torch.randint(0, cfg.vocab_size, (9,))
+    b = torch.randint(0, cfg.vocab_size, (5,))
+    pad = torch.tensor([0, 4])
+    batch = torch.stack([a, torch.cat([torch.full((4,), 1), b])])
+    cache = model.new_cache(2, max_len=16, pad=pad)
+    logits = model(batch, cache)
+    nxt = torch.randint(0, cfg.vocab_size, (2, 1))
+    step = model(nxt, cache)
+    torch.testing.assert_close(logits[0], model(a[None])[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits[1, 4:], model(b[None])[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(step[1, 0], model(torch.cat([b, nxt[1]])[None])[0, -1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(step[0, 0], model(torch.cat([a, nxt[0]])[None])[0, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_cache_errors():
+    cfg = ChameleonConfig.preset("tiny")
+    model = Chameleon(cfg).eval()
+    cache = model.new_cache(1, max_len=4)
+    with pytest.raises(ValueError, match="overflow"):
+        model(torch.zeros(1, 5, dtype=torch.long), cache)
+    with pytest.raises(ValueError, match="rows"):
+        model(torch.zeros(2, 1, dtype=torch.long), cache)
+    with pytest.raises(ValueError, match="batch, seq"):
+        model(torch.zeros(5, dtype=torch.long))
+
+
+def test_dropout_only_in_training():
+    cfg = ChameleonConfig.preset("tiny", dropout=0.5)
+    model = Chameleon(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (1, 8))
+    model.train()
+    assert not torch.allclose(model(ids), model(ids))
+    model.eval()
+    torch.testing.assert_close(model(ids), model(ids))
+
+
+def test_backward_reaches_every_parameter():
+    cfg = ChameleonConfig.preset("tiny")
+    model = Chameleon(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 10))
+    model(ids).logsumexp(-1).mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing
+
+
+def test_bf16_forward_close_to_fp32():
+    cfg = ChameleonConfig.preset("tiny")
+    model = Chameleon(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 10))
+    ref = model(ids)
+    low = Chameleon(cfg).eval().to(torch.bfloat16)
+    low.load_state_dict(model.state_dict())
+    out = low(ids)
+    assert out.dtype == torch.float32
+    assert (out - ref).abs().max() < 0.05 * ref.abs().max()
