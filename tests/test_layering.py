@@ -14,7 +14,7 @@ ALLOWED = {
     "documents": {"utils", "tokenizers"},
     "data": {"utils", "tokenizers", "documents"},
     "model": {"utils"},
-    "checkpoints": {"utils", "tokenizers", "model"},
+    "checkpoints": {"utils", "tokenizers", "documents", "model"},
     "training": {"utils", "tokenizers", "documents", "data", "model", "checkpoints"},
 }
 TOP_LEVEL = {"__init__", "cli", "quickstart"}  # entry points may import every stage

@@ -29,11 +29,15 @@ _EXPORTS = {
     "TextPart": "chameleon_lm.documents",
     "ImagePart": "chameleon_lm.documents",
     "DecodeError": "chameleon_lm.documents",
+    "load_model": "chameleon_lm.checkpoints",
+    "save_model": "chameleon_lm.checkpoints",
+    "LoadedModel": "chameleon_lm.checkpoints",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 if TYPE_CHECKING:
+    from chameleon_lm.checkpoints import LoadedModel, load_model, save_model
     from chameleon_lm.documents import (
         DecodeError, Document, DocumentCodec, EncodedDocument, ImagePart, TextPart,
     )

@@ -20,7 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_cli(data)
 
     from chameleon_lm import quickstart
+    from chameleon_lm.training import cli as training_cli
 
+    training_cli.add_cli(sub)
     quickstart.add_cli(sub)
     return parser
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
+from chameleon_lm.data.tokens import IGNORE_INDEX
 
 
 @dataclass

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import types
+import typing
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
@@ -61,8 +63,11 @@ class Config:
         unknown = sorted(set(d) - set(names))
         if unknown:
             raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}")
+        hints = typing.get_type_hints(cls)
         kwargs = {}
         for k, v in d.items():
+            if not _matches(v, hints[k]):
+                raise ValueError(f"{cls.__name__}.{k}: expected {hints[k]}, got {v!r}")
             default = names[k].default
             # JSON has no tuples: restore them where the field's default is one.
             kwargs[k] = tuple(v) if isinstance(v, list) and isinstance(default, tuple) else v
@@ -81,6 +86,26 @@ class Config:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from e
         return cls.from_dict(d)
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether a JSON-ish value fits a field's type hint (ints are accepted for floats)."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin in (tuple, list):
+        return isinstance(value, (tuple, list))
+    if origin is dict:
+        return isinstance(value, dict)
+    return isinstance(value, origin or hint)
 
 
 def _jsonable(v: Any) -> Any:

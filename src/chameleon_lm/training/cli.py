@@ -1,0 +1,126 @@
+"""``chameleon train`` and ``chameleon tokenizer train-text``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from chameleon_lm.data.tokens import TokenDocuments
+from chameleon_lm.model import Chameleon
+from chameleon_lm.tokenizers.image import load_image_tokenizer
+from chameleon_lm.tokenizers.text import iter_jsonl_texts, load_text_tokenizer, train_text_tokenizer
+from chameleon_lm.training.trainer import Trainer, TrainConfig, latest_checkpoint
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """A TOML, YAML or JSON file as a dict."""
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text)
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ValueError(f"{path}: unknown config format (use .toml, .yaml or .json)")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: the config must be a mapping")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``key=value`` or ``a.b=value`` (values parsed as YAML: ``steps=10``, ``betas=[0.9,0.99]``)."""
+    data = json.loads(json.dumps(data))  # deep copy
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} is not key=value")
+        *parents, leaf = key.split(".")
+        node = data
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {p} is not a mapping")
+        node[leaf] = yaml.safe_load(raw)
+    return data
+
+
+def load_train_config(spec: str, overrides: list[str]) -> TrainConfig:
+    """A config from a file or a preset name, with overrides applied."""
+    path = Path(spec)
+    if path.suffix in (".toml", ".yaml", ".yml", ".json"):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such config file")
+        base = read_config_file(path)
+    else:
+        base = TrainConfig.preset(spec).to_dict()
+    return TrainConfig.from_dict(apply_overrides(base, overrides))
+
+
+def run_train(args: argparse.Namespace) -> int:
+    config = load_train_config(args.config, args.overrides)
+    if not config.data:
+        raise ValueError("the config names no data (data=PATH of a token file)")
+    data = TokenDocuments.load(config.data)
+    text_tok = image_tok = None
+    if config.tokenizers:
+        text_tok = load_text_tokenizer(config.tokenizers)
+        if (Path(config.tokenizers) / "vqgan.json").is_file():
+            image_tok = load_image_tokenizer(config.tokenizers)
+    vocab = len(text_tok) if text_tok is not None else None
+    model = Chameleon(config.model_config(vocab))
+    pad_id = text_tok.vocab.pad_id if text_tok is not None else 1
+    trainer = Trainer(config, model, data, pad_id, text_tok, image_tok)
+    if args.resume:
+        ckpt = latest_checkpoint(config.out_dir)
+        if ckpt is None:
+            raise FileNotFoundError(f"{config.out_dir}: no checkpoint to resume from")
+        trainer.load_checkpoint(ckpt)
+        print(f"resumed from {ckpt} at step {trainer.step}")
+    print(f"model {model.config.num_params():,} parameters; {len(data)} documents, "
+          f"{data.num_tokens:,} tokens; {config.steps} steps of {config.batch_size}")
+    trainer.fit(progress=not args.no_progress)
+    print(f"saved {trainer.save_checkpoint()}")
+    return 0
+
+
+def run_train_text(args: argparse.Namespace) -> int:
+    texts = iter_jsonl_texts(args.data, key=args.key)
+    tok = train_text_tokenizer(texts, args.vocab_size, codebook_size=args.codebook_size,
+                               num_reserved=args.num_reserved, min_frequency=args.min_frequency,
+                               show_progress=True)
+    path = tok.save(args.out)
+    print(f"wrote {path}: {len(tok)} ids ({tok.vocab.codebook_size} image codes)")
+    return 0
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """Register ``train`` and ``tokenizer {train-text}``; returns the tokenizer subparsers."""
+    p = subparsers.add_parser("train", help="train a model on a token file")
+    p.add_argument("config", help=f"a .toml/.yaml/.json file or a preset ({', '.join(TrainConfig.preset_names())})")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=100 model_overrides.n_layers=4")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_train)
+
+    tok = subparsers.add_parser("tokenizer", help="train tokenizers").add_subparsers(
+        dest="tokenizer_command", required=True, metavar="TOKENIZER_COMMAND")
+    t = tok.add_parser("train-text", help="train the byte-level BPE on JSONL text")
+    t.add_argument("--data", nargs="+", required=True, help="JSONL files with a text field")
+    t.add_argument("--key", default="text", help="the JSON field holding the text")
+    t.add_argument("--out", required=True, help="output folder or .json path")
+    t.add_argument("--vocab-size", type=int, default=65536)
+    t.add_argument("--codebook-size", type=int, default=8192)
+    t.add_argument("--num-reserved", type=int, default=None)
+    t.add_argument("--min-frequency", type=int, default=2)
+    t.set_defaults(func=run_train_text)
+    return tok
+
