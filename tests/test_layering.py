@@ -16,6 +16,8 @@ ALLOWED = {
     "model": {"utils"},
     "checkpoints": {"utils", "tokenizers", "documents", "model"},
     "training": {"utils", "tokenizers", "documents", "data", "model", "checkpoints"},
+    "generation": {"utils", "tokenizers", "documents", "model", "checkpoints"},
+    "eval": {"utils", "tokenizers", "documents", "data", "model", "checkpoints", "generation"},
 }
 TOP_LEVEL = {"__init__", "cli", "quickstart"}  # entry points may import every stage
 

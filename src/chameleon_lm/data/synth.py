@@ -45,7 +45,8 @@ from PIL import Image, ImageDraw
 
 RGB = tuple[int, int, int]
 Label = dict[str, Any]
-"""``{"colour", "shape", "size", "position", "background", "pose": {"dx", "dy", "scale", "rotation"}}``."""
+"""``{"colour", "shape", "size", "position", "background", "pose"}``; ``pose`` holds the jitter
+``{"dx", "dy", "scale", "rotation"}`` (offsets in image sides, rotation in degrees)."""
 
 COLOURS: dict[str, RGB] = {
     "red": (215, 25, 25),
@@ -143,8 +144,9 @@ _WORLD_FACTS = (
     "Every picture shows one shape on a plain background.",
     "A shape can be small, medium or large.",
     "A shape can sit in the centre, on the left, on the right, at the top or at the bottom.",
-    f"Shapes come in {len(COLOURS)} colours: {', '.join(COLOURS)}.",
-    f"The backgrounds are {', '.join(BACKGROUNDS)}.",
+    f"Shapes come in {len(COLOURS)} colours: {', '.join(list(COLOURS)[:-1])} and "
+    f"{list(COLOURS)[-1]}.",
+    f"The backgrounds are {', '.join(list(BACKGROUNDS)[:-1])} and {list(BACKGROUNDS)[-1]}.",
 )
 
 _WORD = re.compile(r"[a-z]+")
@@ -336,7 +338,7 @@ def _heldout_pairs(seed: int, fraction: float) -> tuple[tuple[str, str], ...]:
     return tuple(sorted(pairs, key=lambda p: (colour_order.index(p[0]), shape_order.index(p[1]))))
 
 
-@dataclass
+@dataclass(frozen=True)
 class ShapesWorld:
     """The shapes world for one seed: held-out pairs, label sampling, rendering and text.
 
@@ -359,9 +361,11 @@ class ShapesWorld:
     def __post_init__(self) -> None:
         if self.image_size < 16:
             raise ValueError(f"image_size must be at least 16, got {self.image_size}")
-        self.heldout_pairs = _heldout_pairs(self.seed, self.holdout_fraction)
-        seen = tuple((c, s) for c in COLOURS for s in SHAPES if (c, s) not in self.heldout_pairs)
-        self._allowed = {"train": seen, "test_seen": seen, "test_unseen": self.heldout_pairs}
+        heldout = _heldout_pairs(self.seed, self.holdout_fraction)
+        seen = tuple((c, s) for c in COLOURS for s in SHAPES if (c, s) not in heldout)
+        object.__setattr__(self, "heldout_pairs", heldout)
+        object.__setattr__(self, "_allowed",
+                           {"train": seen, "test_seen": seen, "test_unseen": heldout})
 
     def allowed_pairs(self, split: str) -> tuple[tuple[str, str], ...]:
         """The (colour, shape) pairs images and texts of ``split`` may show."""
@@ -453,7 +457,7 @@ class ShapesWorld:
             if step == n_changes - 1 and n_changes > 1:
                 conn = "finally,"
             else:
-                conn = rng.choice(("now", "then", "next,") if step else ("now", "then"))
+                conn = rng.choice(("then", "next,", "after that,") if step else ("now", "then"))
             segments.append(_fill(rng.choice(_STORY_CHANGES[kind]), conn=conn, **_phrases(label)))
             labels.append(None)
             segments.append(self.render(label))
@@ -485,11 +489,8 @@ class ShapesWorld:
         return list(self.iter_interleaved(split, n, seed))
 
     def _sentence(self, rng: random.Random) -> str:
+        """One random sentence of a text document; coloured objects are training pairs only."""
         allowed = self.allowed_pairs("train")
-
-        def obj() -> str:
-            return " ".join(rng.choice(allowed))
-
         kind = rng.randrange(7)
         if kind == 0:
             return rng.choice(_WORLD_FACTS)
@@ -508,9 +509,9 @@ class ShapesWorld:
                 return f"The {a} is {relation} the {b}."
             return f"The {a} is {relation} the {b}, so the {b} is {inverse} the {a}."
         if kind == 4:
-            colour, shape = rng.choice(allowed)
-            number = rng.choice(_NUMBERS)
-            return f"There are {number} {colour} {_plural(shape)} and one {obj()}."
+            (colour, shape), (other_colour, other_shape) = rng.sample(allowed, 2)
+            return (f"There are {rng.choice(_NUMBERS)} {colour} {_plural(shape)} and one "
+                    f"{other_colour} {other_shape}.")
         if kind == 5:
             shape = rng.choice([s for s in SHAPES if _CORNERS[s]])
             count = rng.randrange(len(_NUMBERS)) + 2
@@ -519,7 +520,8 @@ class ShapesWorld:
         colour, shape = rng.choice(allowed)
         if rng.random() < 0.5:
             others = [s for c, s in allowed if c == colour and s != shape]
-            return f"The {colour} {shape} and the {colour} {rng.choice(others)} have the same colour."
+            other = rng.choice(others)
+            return f"The {colour} {shape} and the {colour} {other} have the same colour."
         others = [c for c, s in allowed if s == shape and c != colour]
         return f"The {colour} {shape} and the {rng.choice(others)} {shape} have the same shape."
 
@@ -736,8 +738,8 @@ def read_pairs(urls: str | Sequence[str]) -> Iterator[tuple[Image.Image, str, La
     import webdataset as wds  # deferred: importing webdataset pulls in torch (seconds)
 
     urls = urls if isinstance(urls, str) else [str(u) for u in urls]
-    dataset = wds.WebDataset(urls, shardshuffle=False).decode("pil").to_tuple("png", "txt", "json")
-    yield from dataset
+    dataset = wds.WebDataset(urls, shardshuffle=False).decode("pil")
+    yield from dataset.to_tuple("png", "txt", "json")
 
 
 def read_interleaved(jsonl_path: str | Path) -> Iterator[InterleavedDocument]:

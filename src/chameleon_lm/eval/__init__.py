@@ -1,0 +1,1 @@
+"""Evaluation: judges, benchmarks and metrics of trained models."""

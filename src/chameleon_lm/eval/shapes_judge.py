@@ -1,0 +1,70 @@
+"""A judge for shapes-world images: reads colour and shape by exact analysis of the pixels.
+
+The background colour is the median of the border; each pixel's *coverage* is its distance from the
+background relative to the shape colour's (anti-aliased edges give fractions). The colour is the
+palette colour nearest to the median of the covered pixels; the shape is the one whose rendered
+templates (every size and position, a few rotations and scales) have the smallest squared distance to
+the coverage map. No training, deterministic, and exact on real renders; its accuracy on real and
+VQ-reconstructed test images is reported next to every score it gives.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from chameleon_lm.data.synth import BACKGROUNDS, COLOURS, NO_POSE, POSITIONS, SHAPES, SIZES, render
+
+_TEMPLATE_BG = "grey"
+_ROTATIONS = (-6.0, 0.0, 6.0)
+_SCALES = (0.95, 1.05)
+
+
+class ShapesJudge:
+    def __init__(self, image_size: int):
+        self.image_size = image_size
+        bg = np.array(BACKGROUNDS[_TEMPLATE_BG], dtype=np.float32)
+        span = np.abs(np.array(COLOURS["white"], dtype=np.float32) - bg).sum()
+        maps, self.template_shapes = [], []
+        for shape in SHAPES:
+            for size in SIZES:
+                for position in POSITIONS:
+                    for rotation in _ROTATIONS:
+                        for scale in _SCALES:
+                            label = {"colour": "white", "shape": shape, "size": size,
+                                     "position": position, "background": _TEMPLATE_BG,
+                                     "pose": dict(NO_POSE, rotation=rotation, scale=scale)}
+                            a = np.asarray(render(label, image_size), dtype=np.float32)
+                            maps.append((np.abs(a - bg).sum(-1) / span).reshape(-1))
+                            self.template_shapes.append(shape)
+        self.templates = np.stack(maps)  # [n_templates, H*W] coverage in [0, 1]
+        self.template_norms = (self.templates**2).sum(1)
+        self.palette = np.array(list(COLOURS.values()), dtype=np.float32)
+
+    def read(self, image: Image.Image) -> tuple[str, str]:
+        """(colour, shape) of one image."""
+        if image.size != (self.image_size, self.image_size):
+            image = image.resize((self.image_size, self.image_size), Image.Resampling.LANCZOS)
+        a = np.asarray(image.convert("RGB"), dtype=np.float32)
+        border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
+        bg = np.median(border, axis=0)
+        dist = np.abs(a - bg).sum(-1)
+        covered = dist > 0.5 * dist.max()
+        fg = np.median(a[covered], axis=0) if covered.any() else bg
+        colour = list(COLOURS)[int(np.abs(self.palette - fg).sum(-1).argmin())]
+        coverage = np.clip(dist / max(float(np.abs(fg - bg).sum()), 1.0), 0, 1).reshape(-1)
+        ssd = self.template_norms - 2 * self.templates @ coverage  # + |coverage|², the same for all
+        return colour, self.template_shapes[int(ssd.argmin())]
+
+    def predict(self, images: list[Image.Image]) -> list[tuple[str, str]]:
+        return [self.read(img) for img in images]
+
+
+
+def accuracy(predicted: list[tuple[str, str]], labels: list[dict]) -> dict[str, float]:
+    """Fractions with colour right, shape right, and both right."""
+    n = max(len(labels), 1)
+    colour = sum(p[0] == lab["colour"] for p, lab in zip(predicted, labels)) / n
+    shape = sum(p[1] == lab["shape"] for p, lab in zip(predicted, labels)) / n
+    both = sum(tuple(p) == (lab["colour"], lab["shape"]) for p, lab in zip(predicted, labels)) / n
+    return {"colour": colour, "shape": shape, "both": both}
