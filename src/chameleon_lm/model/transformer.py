@@ -114,6 +114,58 @@ class KVCache:
         self.v[layer, :, :, self.length : end] = v_BKTE
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    @classmethod
+    def stack(cls, caches: list[KVCache], max_len: int | None = None) -> KVCache:
+        """The rows of several caches in one, right-aligned at the longest length (a copy).
+
+        A shorter cache's slots are shifted right and the gap counts as left padding, so every row
+        still decodes exactly as before. ``max_len`` defaults to keeping every row's free capacity.
+        """
+        length = max(c.length for c in caches)
+        shifts = [length - c.length for c in caches]
+        if max_len is None:
+            max_len = max(c.max_len + s for c, s in zip(caches, shifts))
+        if max_len < length:
+            raise ValueError(f"max_len {max_len} is shorter than the caches ({length} slots)")
+        pads = [
+            s + (c.pad if c.pad is not None else torch.zeros(c.batch_size, dtype=torch.long,
+                                                               device=c.k.device))
+            for c, s in zip(caches, shifts)
+        ]
+        out = caches[0]._empty_like(sum(c.batch_size for c in caches), max_len, torch.cat(pads))
+        row = 0
+        for c, s in zip(caches, shifts):
+            rows = slice(row, row + c.batch_size)
+            out.k[:, rows, :, s:length] = c.k[:, :, :, : c.length]
+            out.v[:, rows, :, s:length] = c.v[:, :, :, : c.length]
+            row += c.batch_size
+        out.length = length
+        return out
+
+    def select(self, rows: slice | torch.Tensor | list[int], max_len: int | None = None) -> KVCache:
+        """A copy holding only ``rows`` (their padding kept), with capacity ``max_len`` (default: same)."""
+        max_len = self.max_len if max_len is None else max_len
+        if max_len < self.length:
+            raise ValueError(f"max_len {max_len} is shorter than the cache ({self.length} slots)")
+        if not isinstance(rows, slice):
+            rows = torch.as_tensor(rows, dtype=torch.long, device=self.k.device)
+        k, v = self.k[:, rows, :, : self.length], self.v[:, rows, :, : self.length]
+        out = self._empty_like(k.shape[1], max_len, None if self.pad is None else self.pad[rows])
+        out.k[:, :, :, : self.length] = k
+        out.v[:, :, :, : self.length] = v
+        out.length = self.length
+        return out
+
+    def _empty_like(self, batch_size: int, max_len: int, pad: torch.Tensor | None) -> KVCache:
+        """An empty cache with this one's layers, heads, dtype and device (all-zero pads become None)."""
+        n_layers, _, kv_heads, _, head_dim = self.k.shape
+        out = KVCache.__new__(KVCache)
+        out.k = self.k.new_zeros(n_layers, batch_size, kv_heads, max_len, head_dim)
+        out.v = torch.zeros_like(out.k)
+        out.max_len, out.length = max_len, 0
+        out.pad = pad if pad is not None and bool(pad.any()) else None
+        return out
+
 
 class Attention(nn.Module):
     def __init__(self, config: ChameleonConfig):

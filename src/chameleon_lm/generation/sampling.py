@@ -1,0 +1,186 @@
+"""Sampling settings and the logit processors of Meta's decoders, as pure functions.
+
+The processors follow Hugging Face's semantics (the ones Meta's decoder calls) and work on fp32 logits
+``[B, V]`` of the last position, returning new tensors. Order in the official text decoder: allow-list →
+repetition penalty → temperature → top-p; top-k (not in Meta's decoder) runs before top-p, as in
+Hugging Face. Image decoding: classifier-free guidance on the raw logits → image ids only →
+temperature → top-k → top-p.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from chameleon_lm.utils.config import Config
+
+MODES = ("text", "image", "interleaved")
+"""``text``: text until ``</s>``; ``image``: one image; ``interleaved``: text with image blocks."""
+
+
+def _check_warpers(owner: str, temperature: float, top_p: float, top_k: int) -> None:
+    if not temperature > 0:
+        raise ValueError(f"{owner}.temperature must be > 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"{owner}.top_p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise ValueError(f"{owner}.top_k must be >= 0 (0 = off), got {top_k}")
+
+
+@dataclass
+class TextSampling(Config):
+    """How text tokens are chosen (Meta's ``Options.Text`` defaults)."""
+
+    temperature: float = 0.7
+    top_p: float = 0.9
+    """Nucleus sampling; 1.0 = off."""
+    top_k: int = 0
+    """Keep the k most likely tokens; 0 = off (Meta's decoder has no top-k)."""
+    repetition_penalty: float = 1.2
+    """Over the whole sequence, prompt included; 1.0 = off."""
+    greedy: bool = False
+    """Argmax after the allow-list and the repetition penalty (temperature, top-k, top-p skipped)."""
+
+    def __post_init__(self) -> None:
+        _check_warpers("text", self.temperature, self.top_p, self.top_k)
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"text.repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+@dataclass
+class ImageSampling(Config):
+    """How image codes are chosen (Meta's ``Options.Image`` defaults)."""
+
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 0
+    cfg_text: float = 3.0
+    """Guidance scale of the full prompt over the image-only prompt."""
+    cfg_image: float = 1.2
+    """Guidance scale of the image-only prompt over the unconditioned row."""
+    greedy: bool = False
+
+    def __post_init__(self) -> None:
+        _check_warpers("image", self.temperature, self.top_p, self.top_k)
+
+
+@dataclass
+class GenerationConfig(Config):
+    """Everything a generation run needs besides the model and the prompt. Presets: ``meta``, ``anole``."""
+
+    mode: str = "text"
+    """One of :data:`MODES` (used by ``stream`` and the CLI; the batch functions are single-modality)."""
+    text: TextSampling = field(default_factory=TextSampling)
+    image: ImageSampling = field(default_factory=ImageSampling)
+    max_new_tokens: int = 4096
+    """Limit on generated tokens (text and interleaved modes; an image-mode run is always one block)."""
+    max_seq_len: int | None = None
+    """Limit on prompt + generated tokens; None = the model's ``max_seq_len``."""
+    seed: int | None = None
+    """Seed of the sampling generator; None = nondeterministic."""
+    progress_every: int = 32
+    """``stream`` reports image progress every this many codes (and at the last one)."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.max_seq_len is not None and self.max_seq_len < 2:
+            raise ValueError(f"max_seq_len must be >= 2, got {self.max_seq_len}")
+        if self.progress_every < 1:
+            raise ValueError(f"progress_every must be >= 1, got {self.progress_every}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "text": self.text.to_dict(), "image": self.image.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GenerationConfig:
+        d = dict(d)
+        nested: dict[str, Config] = {}
+        for key, sub in (("text", TextSampling), ("image", ImageSampling)):
+            if key in d:
+                if not isinstance(d[key], dict):
+                    raise ValueError(f"GenerationConfig.{key}: expected a mapping, got {d[key]!r}")
+                nested[key] = sub.from_dict(d.pop(key))
+        return super().from_dict(d).replace(**nested)
+
+
+@GenerationConfig.register_preset("meta")
+def _meta() -> GenerationConfig:
+    return GenerationConfig()
+
+
+@GenerationConfig.register_preset("anole")
+def _anole() -> GenerationConfig:
+    """Anole's interleaved settings: Meta's, with text temperature 1.0."""
+    return GenerationConfig(mode="interleaved", text=TextSampling(temperature=1.0))
+
+
+# ---------------------------------------------------------------------------------------- processors
+
+
+def allow_only(logits_BV: torch.Tensor, allowed_V: torch.Tensor) -> torch.Tensor:
+    """−inf everywhere ``allowed_V`` (bool ``[V]``) is False."""
+    return logits_BV.masked_fill(~allowed_V, float("-inf"))
+
+
+def repetition_penalty(logits_BV: torch.Tensor, ids_BS: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Each token of ``ids_BS`` (seen so far): score < 0 → score·penalty, else score/penalty."""
+    if penalty == 1.0:
+        return logits_BV
+    score = logits_BV.gather(1, ids_BS)
+    score = torch.where(score < 0, score * penalty, score / penalty)
+    return logits_BV.scatter(1, ids_BS, score)
+
+
+def temperature(logits_BV: torch.Tensor, t: float) -> torch.Tensor:
+    return logits_BV / t
+
+
+def top_k(logits_BV: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the ``k`` highest scores (and ties with the k-th); 0 = off."""
+    if k <= 0:
+        return logits_BV
+    kth = torch.topk(logits_BV, min(k, logits_BV.shape[-1])).values[:, -1:]  # [B, 1]
+    return logits_BV.masked_fill(logits_BV < kth, float("-inf"))
+
+
+def top_p(logits_BV: torch.Tensor, p: float) -> torch.Tensor:
+    """Drop the least likely tokens whose cumulative probability is ≤ 1 − p (at least one is kept)."""
+    if p >= 1.0:
+        return logits_BV
+    sorted_BV, order_BV = torch.sort(logits_BV, descending=False)
+    remove = sorted_BV.softmax(-1).cumsum(-1) <= 1 - p
+    remove[:, -1] = False
+    return logits_BV.masked_fill(remove.scatter(1, order_BV, remove), float("-inf"))
+
+
+def warp(logits_BV: torch.Tensor, t: float, k: int, p: float) -> torch.Tensor:
+    """Temperature → top-k → top-p."""
+    return top_p(top_k(temperature(logits_BV, t), k), p)
+
+
+def cfg_mix(
+    full_BV: torch.Tensor, image_BV: torch.Tensor, uncond_BV: torch.Tensor, cfg_text: float,
+    cfg_image: float,
+) -> torch.Tensor:
+    """Three-way (InstructPix2Pix) guidance: ``u + g_img·(i − u) + g_txt·(f − i)`` on raw logits."""
+    return uncond_BV + cfg_image * (image_BV - uncond_BV) + cfg_text * (full_BV - image_BV)
+
+
+def text_scores(
+    logits_BV: torch.Tensor, ids_BS: torch.Tensor, allowed_V: torch.Tensor, cfg: TextSampling
+) -> torch.Tensor:
+    """The official text chain on raw logits; the scores to sample from (or take the argmax of)."""
+    scores = repetition_penalty(allow_only(logits_BV, allowed_V), ids_BS, cfg.repetition_penalty)
+    return scores if cfg.greedy else warp(scores, cfg.temperature, cfg.top_k, cfg.top_p)
+
+
+def sample(scores_BV: torch.Tensor, generator: torch.Generator | None, greedy: bool) -> torch.Tensor:
+    """One index per row ``[B]``: the argmax, or a draw from ``softmax(scores)``."""
+    if greedy:
+        return scores_BV.argmax(-1)
+    return torch.multinomial(scores_BV.softmax(-1), 1, generator=generator).squeeze(-1)

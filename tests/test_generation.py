@@ -1,0 +1,490 @@
+"""Generation: logit processors, modality control, guided image decoding, the KV cache, streaming, CLI."""
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from chameleon_lm import Chameleon, ChameleonConfig, Document, DocumentCodec, train_text_tokenizer
+from chameleon_lm.documents import ImagePart, TextPart
+from chameleon_lm.generation import (
+    Done, GenerationConfig, ImageComplete, ImageProgress, ImageSampling, TextDelta, TextSampling,
+    generate_images, generate_text, stream,
+)
+from chameleon_lm.generation import sampling as S
+from chameleon_lm.generation.engine import _Decoder, _Detokenizer
+from chameleon_lm.tokenizers.vocab import IMAGE, TEXT
+
+K, N = 64, 16  # codebook size, codes per image
+INF = float("inf")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, which crawl (spin-waiting) on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def codec():
+    corpus = ["a red circle turns blue and moves to the left", "Describe the picture:"] * 100
+    return DocumentCodec(train_text_tokenizer(corpus, 600, codebook_size=K), image_seq_len=N)
+
+
+@pytest.fixture(scope="module")
+def model(codec):
+    torch.manual_seed(0)
+    return Chameleon(ChameleonConfig.preset("tiny", vocab_size=len(codec.text))).eval()
+
+
+def image_codes(seed):
+    return torch.randint(0, K, (N,), generator=torch.Generator().manual_seed(seed))
+
+
+def prompt(codec, *items):
+    return codec.encode(Document.of(*items)).ids.tolist()
+
+
+def biased_model(codec, logits: dict[int, float], rest: float = 0.0):
+    """A model whose last hidden state is the same everywhere, so the logits are fixed: ``logits[id]``
+    for the given ids, ``rest`` for the other non-image ids, small random values for the image codes."""
+    torch.manual_seed(1)
+    m = Chameleon(ChameleonConfig.preset("tiny", vocab_size=len(codec.text))).eval()
+    with torch.no_grad():
+        for layer in m.layers:  # each block adds nothing: h = norm(embedding)
+            layer.attention.wo.weight.zero_()
+            layer.feed_forward.w2.weight.zero_()
+        e = torch.randn(m.config.dim)
+        m.tok_embeddings.weight.copy_(e.expand_as(m.tok_embeddings.weight))
+        h = m.norm(e)
+        unit = h / h.dot(h)  # W_j = value · unit gives logit_j = value
+        m.output.weight.copy_(rest * unit.expand_as(m.output.weight))
+        v = codec.vocab
+        m.output.weight[v.image_start : v.image_end] = torch.randn(K, 1) * unit
+        for i, value in logits.items():
+            m.output.weight[i] = value * unit
+    return m
+
+
+def word(codec, text=" red"):
+    (i,) = codec.text.encode(text)
+    return i
+
+
+# ------------------------------------------------------------------------------------------ processors
+
+
+def test_processors_by_hand():
+    x = torch.tensor([[1.0, -2.0, 3.0, 0.5]])
+    penalised = S.repetition_penalty(x, torch.tensor([[0, 1, 1]]), 2.0)
+    assert penalised.tolist() == [[0.5, -4.0, 3.0, 0.5]]
+    assert S.top_k(x, 2).tolist() == [[1.0, -INF, 3.0, -INF]]
+    assert S.top_k(x, 0) is x and S.top_p(x, 1.0) is x and S.repetition_penalty(x, x.long(), 1.0) is x
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    # Ascending cumulative: 0.05, 0.20, 0.50, 1.0; p = 0.75 drops those ≤ 0.25.
+    assert torch.isinf(S.top_p(probs.log(), 0.75)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(S.top_p(probs.log(), 0.01)).tolist() == [[False, True, True, True]]  # keeps ≥ 1
+    assert S.temperature(x, 0.5).tolist() == [[2.0, -4.0, 6.0, 1.0]]
+    assert S.allow_only(x, torch.tensor([True, False, True, False])).tolist() == [[1.0, -INF, 3.0, -INF]]
+    f, i, u = torch.tensor([[4.0]]), torch.tensor([[2.0]]), torch.tensor([[1.0]])
+    assert S.cfg_mix(f, i, u, cfg_text=3.0, cfg_image=1.2).item() == pytest.approx(1 + 1.2 * 1 + 3 * 2)
+
+
+def test_processors_match_transformers():
+    hf = pytest.importorskip("transformers")
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(3, 50, generator=g) * 3
+    ids = torch.randint(0, 50, (3, 12), generator=g)
+    torch.testing.assert_close(S.repetition_penalty(scores, ids, 1.2),
+                               hf.RepetitionPenaltyLogitsProcessor(1.2)(ids, scores.clone()))
+    torch.testing.assert_close(S.temperature(scores, 0.7), hf.TemperatureLogitsWarper(0.7)(ids, scores))
+    for p in (0.05, 0.5, 0.9, 0.99):
+        torch.testing.assert_close(S.top_p(scores, p), hf.TopPLogitsWarper(p)(ids, scores))
+    for k in (1, 5, 49):
+        torch.testing.assert_close(S.top_k(scores, k), hf.TopKLogitsWarper(k)(ids, scores))
+
+
+def test_text_chain_order_and_sampling():
+    cfg = TextSampling(temperature=0.5, top_p=0.9, top_k=3, repetition_penalty=1.3)
+    scores = torch.randn(2, 20)
+    ids = torch.randint(0, 20, (2, 5))
+    allowed = torch.rand(20) > 0.3
+    expected = S.top_p(S.top_k(S.temperature(S.repetition_penalty(S.allow_only(scores, allowed), ids, 1.3),
+                                              0.5), 3), 0.9)
+    torch.testing.assert_close(S.text_scores(scores, ids, allowed, cfg), expected)
+    greedy = S.text_scores(scores, ids, allowed, cfg.replace(greedy=True))
+    assert torch.equal(S.sample(greedy, None, greedy=True), greedy.argmax(-1))
+    draws = [S.sample(expected, torch.Generator().manual_seed(3), False) for _ in range(2)]
+    assert torch.equal(*draws) and torch.isfinite(expected.gather(1, draws[0][:, None])).all()
+
+
+def test_config_round_trip_presets_and_validation(tmp_path):
+    cfg = GenerationConfig(mode="interleaved", text=TextSampling(top_k=5),
+                           image=ImageSampling(cfg_text=5.0), seed=3, max_seq_len=100)
+    cfg.save(tmp_path / "g.json")
+    assert GenerationConfig.load(tmp_path / "g.json") == cfg
+    meta = GenerationConfig.preset("meta")
+    assert (meta.text.temperature, meta.text.top_p, meta.text.repetition_penalty) == (0.7, 0.9, 1.2)
+    assert (meta.image.temperature, meta.image.top_p, meta.image.cfg_text, meta.image.cfg_image) == (
+        0.7, 0.9, 3.0, 1.2)
+    assert GenerationConfig.preset("anole").mode == "interleaved"
+    with pytest.raises(ValueError, match="mode"):
+        GenerationConfig(mode="video")
+    with pytest.raises(ValueError, match="top_p"):
+        TextSampling(top_p=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        ImageSampling(temperature=0.0)
+    with pytest.raises(ValueError, match="unknown field"):
+        GenerationConfig.from_dict({"text": {"temp": 1.0}})
+
+
+# ------------------------------------------------------------------------------------------ KV cache
+
+
+def test_kv_cache_stack_and_select_keep_every_row(model):
+    g = torch.Generator().manual_seed(0)
+    a, b, c = (torch.randint(10, 300, (n,), generator=g) for n in (9, 5, 3))
+    one = model.new_cache(1, 12)
+    model(a[None], one)
+    two = model.new_cache(2, 8, pad=torch.tensor([0, 2]))
+    model(torch.stack([b, torch.cat([torch.ones(2, dtype=torch.long), c])]), two)
+    both = type(one).stack([one, two], max_len=11)
+    assert (both.batch_size, both.length, both.max_len) == (3, 9, 11) and both.pad.tolist() == [0, 4, 6]
+    nxt = torch.randint(10, 300, (3, 2), generator=g)
+    step = model(nxt, both)
+    for row, seq in enumerate((a, b, c)):
+        alone = model(torch.cat([seq, nxt[row]])[None])[0, -2:]
+        torch.testing.assert_close(step[row], alone, atol=1e-5, rtol=1e-5)
+    last = both.select([2], max_len=20)
+    assert (last.batch_size, last.length, last.max_len, last.pad.tolist()) == (1, 11, 20, [6])
+    torch.testing.assert_close(model(nxt[2:, :1], last)[0, 0],
+                               model(torch.cat([c, nxt[2], nxt[2, :1]])[None])[0, -1], atol=1e-5, rtol=1e-5)
+    assert type(one).stack([one]).pad is None  # no padding: the fast path stays
+
+
+# ---------------------------------------------------------------------------- guidance and image mode
+
+
+def test_three_guided_rows_in_one_batch_equal_separate_rows(model, codec):
+    v = codec.vocab
+    contexts = [prompt(codec, image_codes(0), "a red circle") + [v.eoi_id, v.boi_id],
+                prompt(codec, "blue") + [v.boi_id]]
+    dec = _Decoder(model, v, GenerationConfig())
+    cache, h = dec.prefill(contexts, max_len=max(map(len, contexts)))
+    guided, h3 = dec.guided_rows(cache, h, contexts, extra=1)
+    image_only = [[t for t in c if v.classes[t] == IMAGE or t in (v.bos_id, v.boi_id, v.eoi_id)]
+                  for c in contexts]
+    rows = contexts + image_only + [[v.bos_id, v.boi_id]] * 2
+    code = v.image_start + 5
+    step = model(torch.full((6, 1), code), guided)[:, 0]  # [3B, V]
+    for r, row in enumerate(rows):
+        alone = model(torch.tensor([row + [code]]))[0]
+        torch.testing.assert_close(model.output(h3[r]).float(), alone[-2], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(step[r], alone[-1], atol=1e-5, rtol=1e-5)
+
+
+def reference_images(model, v, prompts, cfg: ImageSampling):
+    """Greedy guided decoding the slow way: no cache, full-vocabulary logits, then Meta's image mask."""
+    seqs = [p + [v.boi_id] for p in prompts]
+    keep = lambda t: v.classes[t] == IMAGE or t in (v.bos_id, v.boi_id, v.eoi_id)  # noqa: E731
+    rows = seqs + [[t for t in s if keep(t)] for s in seqs] + [[v.bos_id, v.boi_id]] * len(seqs)
+    image = torch.zeros(model.config.vocab_size, dtype=torch.bool)
+    image[v.image_start : v.image_end] = True
+    out = []
+    for _ in range(N):
+        last = torch.stack([model(torch.tensor([r]))[0, -1] for r in rows])
+        f, i, u = last.split(len(seqs))
+        tok = S.allow_only(S.cfg_mix(f, i, u, cfg.cfg_text, cfg.cfg_image), image).argmax(-1)
+        out.append(tok)
+        rows = [r + [int(tok[j % len(seqs)])] for j, r in enumerate(rows)]
+    return torch.stack(out, 1) - v.image_start
+
+
+def test_restricted_head_batched_images_equal_full_vocabulary_reference(model, codec):
+    v = codec.vocab
+    prompts = [prompt(codec, "a red circle turns blue"), prompt(codec, image_codes(1), "left")]
+    cfg = GenerationConfig(image=ImageSampling(greedy=True, cfg_text=2.5, cfg_image=1.5))
+    codes = generate_images(model, v, prompts, cfg, N)
+    assert codes.shape == (2, N) and codes.dtype == torch.long
+    assert torch.equal(codes, reference_images(model, v, prompts, cfg.image))
+    # The batch equals each prompt alone, and a prompt already ending with BOI is not extended.
+    assert torch.equal(generate_images(model, v, [prompts[1] + [v.boi_id]], cfg, N)[0], codes[1])
+
+
+def test_image_mode_stream_gives_one_block(model, codec):
+    v = codec.vocab
+    cfg = GenerationConfig(mode="image", seed=5, progress_every=5)
+    events = list(stream(model, codec, Document.of("a red circle"), cfg))
+    done = events[-1]
+    assert done.ids[0] == v.boi_id and done.ids[-1] == v.eoi_id and len(done.ids) == N + 2
+    assert all(v.image_start <= t < v.image_end for t in done.ids[1:-1])
+    assert [e.done for e in events if isinstance(e, ImageProgress)] == [5, 10, 15, 16]
+    (complete,) = [e for e in events if isinstance(e, ImageComplete)]
+    assert complete.codes.tolist() == [t - v.image_start for t in done.ids[1:-1]] and complete.image is None
+    # An open BOI at the end of the prompt becomes part of the output; the codes are the same.
+    ids = prompt(codec, "a red circle")
+    again = list(stream(model, codec, ids + [v.boi_id], cfg))[-1]
+    assert again.ids == done.ids
+    # Same codes as the batched path with the same seed.
+    assert generate_images(model, v, [ids], cfg, N)[0].tolist() == complete.codes.tolist()
+
+
+# ------------------------------------------------------------------------------------------ text mode
+
+
+def test_text_mode_allows_only_text_and_eos(model, codec):
+    v = codec.vocab
+    cfg = GenerationConfig(seed=0, max_new_tokens=40, text=TextSampling(temperature=2.0, top_p=1.0))
+    rows = generate_text(model, v, [prompt(codec, "a red"), prompt(codec, image_codes(0), "the")], cfg)
+    for row in rows:
+        assert 1 <= len(row) <= 40
+        assert all(v.classes[t] == TEXT for t in row[:-1])
+        assert v.classes[row[-1]] == TEXT or row[-1] == v.eos_id
+    done = list(stream(model, codec, prompt(codec, "a red"), cfg))[-1]
+    assert all(v.classes[t] == TEXT for t in done.ids if t != v.eos_id)
+    # A model that prefers specials and images still writes only text, and stops at </s>.
+    eos_model = biased_model(codec, {v.boi_id: 9.0, v.eoi_id: 9.0, v.pad_id: 9.0, v.image_start: 9.0,
+                                     v.eos_id: 5.0, word(codec): 4.0})
+    greedy = cfg.replace(text=TextSampling(greedy=True))
+    assert generate_text(eos_model, v, [prompt(codec, "a")], greedy) == [[v.eos_id]]
+
+
+def reference_text(model, v, ids, steps, penalty):
+    """Greedy text the slow way: full forward each step, Meta's processors."""
+    allowed = torch.zeros(model.config.vocab_size, dtype=torch.bool)
+    allowed[: v.size] = v.text_mask()
+    allowed[v.eos_id] = True
+    ids = list(ids)
+    for _ in range(steps):
+        x = torch.tensor([ids])
+        scores = S.repetition_penalty(S.allow_only(model(x)[:, -1], allowed), x, penalty)
+        ids.append(int(scores.argmax()))
+    return ids
+
+
+def test_greedy_text_batch_equals_rows_alone_and_reference(model, codec):
+    v = codec.vocab
+    prompts = [prompt(codec, "a red circle turns"), prompt(codec, "the")]
+    cfg = GenerationConfig(max_new_tokens=12, text=TextSampling(greedy=True, repetition_penalty=1.3))
+    batch = generate_text(model, v, prompts, cfg)
+    assert batch == generate_text(model, v, prompts, cfg)  # greedy is deterministic
+    for p, row in zip(prompts, batch):
+        assert generate_text(model, v, [p], cfg) == [row]
+        ref = reference_text(model, v, p, len(row), 1.3)[len(p) :]
+        assert ref == row
+
+
+def test_seeds_reproduce_and_differ(model, codec):
+    v = codec.vocab
+    p = [prompt(codec, "a red")]
+    cfg = GenerationConfig(max_new_tokens=30, text=TextSampling(temperature=1.0, top_p=1.0))
+    runs = [generate_text(model, v, p, cfg.replace(seed=s)) for s in (1, 1, 2)]
+    assert runs[0] == runs[1] != runs[2]
+    imgs = [generate_images(model, v, p, cfg.replace(seed=s), N) for s in (1, 1, 2)]
+    assert torch.equal(imgs[0], imgs[1]) and not torch.equal(imgs[0], imgs[2])
+
+
+def test_incremental_text_never_splits_a_character(codec):
+    text = "héllo € 😀 a red circle"
+    ids = codec.text.encode(text)
+    detok = _Detokenizer(codec.text)
+    deltas = [detok.push(i) for i in ids] + [detok.flush()]
+    assert "".join(deltas) == codec.text.decode(ids) == text
+    assert not any("\ufffd" in d for d in deltas)
+    assert sum(1 for d in deltas if d) < len(ids)  # multi-byte characters were held back
+
+
+# ------------------------------------------------------------------------------------ interleaved mode
+
+
+def blocks(seq, v):
+    """(position of BOI, codes) of every image block in ``seq``, checking each is well-formed."""
+    found = []
+    for i, t in enumerate(seq):
+        if t == v.boi_id:
+            codes = seq[i + 1 : i + 1 + N]
+            assert len(codes) == N and all(v.image_start <= c < v.image_end for c in codes)
+            assert seq[i + 1 + N] == v.eoi_id
+            found.append(i)
+    assert sum(v.image_start <= t < v.image_end for t in seq) == N * len(found)
+    return found
+
+
+@pytest.mark.parametrize("room,expected_blocks", [(2 * (N + 2), 2), (2 * (N + 2) - 1, 1), (N + 1, 0)])
+@pytest.mark.parametrize("limit_by", ["max_new_tokens", "max_seq_len"])
+def test_interleaved_opens_a_block_only_when_it_fits(codec, room, expected_blocks, limit_by):
+    v = codec.vocab
+    m = biased_model(codec, {v.boi_id: 3.0, word(codec): 2.0, v.eos_id: 1.0})  # BOI always wins
+    ids = prompt(codec, "a red circle")
+    limit = len(ids) + room
+    cfg = GenerationConfig(mode="interleaved", text=TextSampling(greedy=True, repetition_penalty=1.0),
+                           image=ImageSampling(greedy=True))
+    by_tokens = limit_by == "max_new_tokens"
+    cfg = cfg.replace(max_new_tokens=room) if by_tokens else cfg.replace(max_seq_len=limit)
+    done = list(stream(m, codec, ids, cfg))[-1]
+    seq = ids + done.ids
+    assert len(seq) == limit
+    starts = blocks(seq, v)
+    assert len(starts) == expected_blocks
+    assert all(limit - i >= N + 2 for i in starts)
+    tail = starts[-1] + N + 2 if starts else len(ids)
+    assert all(t == word(codec) for t in seq[tail:])  # then text, as BOI no longer fits
+
+
+def check_events(events, codec, model):
+    """The event grammar: (TextDelta | ImageProgress… ImageComplete)* Done, consistent with Done."""
+    v = codec.vocab
+    assert isinstance(events[-1], Done) and not any(isinstance(e, Done) for e in events[:-1])
+    done = events[-1]
+    texts, current, progress = [], "", []
+    for e in events[:-1]:
+        if isinstance(e, TextDelta):
+            assert e.text and not progress
+            current += e.text
+        elif isinstance(e, ImageProgress):
+            assert e.total == N and e.done > (progress[-1] if progress else 0)
+            progress.append(e.done)
+        else:
+            assert isinstance(e, ImageComplete) and progress[-1] == N and e.codes.shape == (N,)
+            texts.append(current)
+            current, progress = "", []
+    texts.append(current)
+    expected = codec.decode(done.ids)
+    assert [type(p) for p in done.document.parts] == [type(p) for p in expected.parts]
+    for got, want in zip(done.document.parts, expected.parts):
+        if isinstance(want, TextPart):
+            assert got.text == want.text
+        else:
+            assert torch.equal(got.codes, want.codes)
+    # The text between images streamed exactly as the document's text parts.
+    runs, seen_text = [], ""
+    for part in done.document.parts:
+        if isinstance(part, ImagePart):
+            runs.append(seen_text)
+            seen_text = ""
+        else:
+            seen_text += part.text
+    runs.append(seen_text)
+    assert runs == texts
+    images = [e.codes.tolist() for e in events if isinstance(e, ImageComplete)]
+    assert images == [p.codes.tolist() for p in done.document.images]
+    blocks(done.ids, v)
+
+
+def test_interleaved_stream_events_and_no_reprefill(codec):
+    v = codec.vocab
+    m = biased_model(codec, {v.boi_id: 2.0, word(codec): 3.0, word(codec, " blue"): 2.5, v.eos_id: -5.0},
+                     rest=-10.0)
+    calls = []
+    inner = m.hidden_states
+
+    def counting(ids, cache=None):
+        calls.append(tuple(ids.shape))
+        return inner(ids, cache)
+
+    m.hidden_states = counting
+    ids = prompt(codec, "a red circle")
+    cfg = GenerationConfig(mode="interleaved", seed=4, max_new_tokens=90,
+                           text=TextSampling(temperature=1.0, top_p=1.0, repetition_penalty=1.0))
+    events = list(stream(m, codec, ids, cfg))
+    check_events(events, codec, m)
+    done = events[-1]
+    seq = ids + done.ids
+    n_images = len(done.document.images)
+    assert n_images >= 2 and done.document.text  # both modalities appeared
+    assert calls[0] == (1, len(ids))  # one prefill of the prompt …
+    # … then, per image, only the guidance rows (image-conditioned: <s>, earlier images and BOI).
+    image_only = [1 + (N + 2) * k + 1 for k in range(n_images)]
+    assert [c for c in calls if c[0] == 2] == [(2, max(n, 2)) for n in image_only]
+    assert [c for c in calls if c[0] == 3] == [(3, 1)] * ((N - 1) * n_images)
+    assert all(t in (1, 2) for b, t in calls[1:] if b == 1)  # never a re-prefill of the full row
+    full_row_tokens = sum(t for b, t in calls if b in (1, 3))
+    assert full_row_tokens == len(seq) - 1 - (seq[-1] == v.eoi_id)  # each token fed exactly once
+
+
+def test_stream_sampling_reproducible_with_the_regular_model(model, codec):
+    cfg = GenerationConfig(mode="interleaved", seed=11, max_new_tokens=60,
+                           text=TextSampling(temperature=1.0, top_p=1.0))
+    doc = Document.of(image_codes(2), "a red circle")
+    first, second = list(stream(model, codec, doc, cfg)), list(stream(model, codec, doc, cfg))
+    check_events(first, codec, model)
+    assert first[-1].ids == second[-1].ids
+    assert [e for e in first if isinstance(e, TextDelta)] == [e for e in second if isinstance(e, TextDelta)]
+
+
+def test_errors(model, codec):
+    v = codec.vocab
+    with pytest.raises(ValueError, match="no room"):
+        list(stream(model, codec, [v.bos_id] * 250, GenerationConfig(mode="image")))
+    with pytest.raises(ValueError, match="no room"):
+        generate_text(model, v, [[v.bos_id] * 256], GenerationConfig())
+    with pytest.raises(ValueError, match="ids must be in"):
+        generate_text(model, v, [[v.size + 3]], GenerationConfig())
+    with pytest.raises(ValueError, match="empty prompt"):
+        list(stream(model, codec, [], GenerationConfig()))
+    with pytest.raises(ValueError, match="no prompts"):
+        generate_images(model, v, [], GenerationConfig(), N)
+    with pytest.raises(ValueError, match="no room"):
+        generate_images(model, v, [[v.bos_id] * (256 - N - 1)], GenerationConfig(), N)
+
+
+def test_model_mode_is_restored(model, codec):
+    model.train()
+    try:
+        generate_text(model, codec.vocab, [prompt(codec, "a")], GenerationConfig(max_new_tokens=2))
+        assert model.training
+    finally:
+        model.eval()
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def cli_args(tmp_path, *extra):
+    import argparse
+
+    from chameleon_lm.generation.cli import add_cli
+
+    parser = argparse.ArgumentParser()
+    add_cli(parser.add_subparsers())
+    return parser.parse_args(["generate", "--model", "unused", "--prompt", "a red circle",
+                              "--out", str(tmp_path), *extra])
+
+
+def test_cli_run_generate_writes_images_and_document(tmp_path, capsys):
+    from PIL import Image
+
+    from chameleon_lm import VQGAN, VQGANConfig
+    from chameleon_lm.generation.cli import run_generate
+    from chameleon_lm.tokenizers.image import ImageTokenizer
+
+    vq = VQGANConfig.preset("tiny")
+    text_tok = train_text_tokenizer(["a red circle on grey"] * 50, 600, codebook_size=vq.n_embed)
+    codec = DocumentCodec(text_tok, ImageTokenizer(VQGAN(vq)))
+    m = Chameleon(ChameleonConfig.preset("tiny", vocab_size=len(text_tok)))
+    Image.new("RGB", (40, 30), (220, 20, 20)).save(tmp_path / "in.png")
+    bundle = SimpleNamespace(model=m, codec=codec)
+    args = cli_args(tmp_path / "out", "--image", str(tmp_path / "in.png"), "--mode", "image", "--seed", "3",
+                    "--cfg-text", "2.0", "--chat")
+    assert run_generate(bundle, args) == 0
+    record = json.loads((tmp_path / "out" / "document.json").read_text())
+    assert record["config"]["seed"] == 3 and record["config"]["image"]["cfg_text"] == 2.0
+    assert record["prompt_ids"][-1] == codec.vocab.eot_id
+    (part,) = record["parts"]
+    assert part["type"] == "image" and part["file"] == "image_0.png" and len(part["codes"]) == vq.num_tokens
+    with Image.open(tmp_path / "out" / "image_0.png") as im:
+        assert im.size == (vq.resolution, vq.resolution)
+    assert record["ids"][1:-1] == [c + codec.vocab.image_start for c in part["codes"]]
+
+    args = cli_args(tmp_path / "text", "--max-new-tokens", "8", "--temperature", "1.0", "--top-k", "20")
+    assert run_generate(bundle, args) == 0
+    record = json.loads((tmp_path / "text" / "document.json").read_text())
+    text = "".join(p["text"] for p in record["parts"])
+    assert text in capsys.readouterr().out and record["config"]["text"]["top_k"] == 20
+    assert isinstance(record["config"]["seed"], int)  # a random seed is recorded
+    assert math.isclose(record["config"]["image"]["temperature"], 1.0)
