@@ -14,12 +14,11 @@ from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 import torch
-from PIL import Image
-
 from chameleon_lm.documents import Document, DocumentCodec, TextPart
 from chameleon_lm.generation.engine import Done, ImageComplete, ImageProgress, TextDelta, stream
 from chameleon_lm.generation.sampling import MODES, GenerationConfig, ImageSampling, TextSampling
 from chameleon_lm.model import Chameleon
+from chameleon_lm.tokenizers.images import open_image
 
 
 class Bundle(Protocol):
@@ -79,10 +78,7 @@ def config_from_args(args: argparse.Namespace) -> GenerationConfig:
 
 def prompt_ids(codec: DocumentCodec, text: str, images: list[Path], chat: bool) -> list[int]:
     """``<s>`` + the images + the text (+ end-of-turn when ``chat``)."""
-    pictures = []
-    for path in images:
-        with Image.open(path) as im:
-            pictures.append(im.copy())
+    pictures = [open_image(path) for path in images]  # clear errors on bad files
     ids = codec.encode(Document.of(*pictures, text), bos=True).ids.tolist()
     if chat:
         if codec.vocab.eot_id is None:
