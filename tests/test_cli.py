@@ -1,13 +1,31 @@
 """The console script."""
 
 
-def test_cli_quickstart(tmp_path, capsys):
-    from chameleon_lm.cli import main
+def test_quickstart_pipeline_end_to_end(tmp_path):
+    """The whole quickstart at toy scale: every stage runs and writes what it promises."""
+    import json
 
-    assert main(["quickstart", "--out", str(tmp_path)]) == 0
-    assert "identical" in capsys.readouterr().out
-    assert (tmp_path / "tokenizers" / "tokenizer.json").is_file()
-    assert (tmp_path / "tokenizers" / "vqgan.safetensors").is_file()
+    from chameleon_lm import load_model
+    from chameleon_lm.cli import main
+    from chameleon_lm.quickstart import QuickstartConfig, run
+
+    cfg = QuickstartConfig(train_pairs=48, test_pairs=4, stories=6, text_docs=6, vq_steps=2,
+                           model_steps=2, batch_size=4, model={"dim": 64, "n_layers": 1, "n_heads": 2,
+                                                               "ffn_dim": 128})
+    metrics = run(tmp_path, cfg, log=lambda *_: None)
+    for key in ("text_to_image_accuracy", "image_to_text_accuracy", "text_to_image_accuracy_unseen",
+                "image_to_text_accuracy_unseen", "vq_psnr", "vq_codebook_usage"):
+        assert key in metrics
+    assert metrics["judge_accuracy_real_seen"] == 1.0
+    assert json.loads((tmp_path / "metrics.json").read_text())["n_test_pairs"] == 4
+    page = (tmp_path / "report.html").read_text()
+    assert page.count("data:image/png;base64,") >= 16 and "training_curves.png" in page
+    assert (tmp_path / "training_curves.png").is_file()
+    loaded = load_model(tmp_path / "model")
+    assert loaded.image_tokenizer is not None and loaded.config.dim == 64
+    assert main(["generate", "--model", str(tmp_path / "model"), "--prompt", "a red circle",
+                 "--mode", "image", "--seed", "1", "--out", str(tmp_path / "gen")]) == 0
+    assert (tmp_path / "gen" / "image_0.png").is_file()
 
 
 def test_cli_train_text_then_train_and_resume(tmp_path, capsys):

@@ -20,9 +20,13 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_cli(data)
 
     from chameleon_lm import quickstart
+    from chameleon_lm.generation import cli as generation_cli
     from chameleon_lm.training import cli as training_cli
+    from chameleon_lm.training import vq
 
-    training_cli.add_cli(sub)
+    tokenizer = training_cli.add_cli(sub)
+    vq.add_cli(tokenizer)
+    generation_cli.add_cli(sub)
     quickstart.add_cli(sub)
     return parser
 

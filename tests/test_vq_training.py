@@ -1,0 +1,309 @@
+"""Image-tokenizer training: metrics, losses, dead-code restarts, discriminator start, saving, CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from chameleon_lm.data.synth import ShapesWorld, write_dataset
+from chameleon_lm.tokenizers.image import load_image_tokenizer
+from chameleon_lm.tokenizers.images import to_tensor
+from chameleon_lm.tokenizers.vqgan import VQGAN, VQGANConfig
+from chameleon_lm.training import metrics
+from chameleon_lm.training.vq import (
+    LPIPS,
+    METRICS_NAME,
+    TRAIN_LOG_NAME,
+    NLayerDiscriminator,
+    VQTrainConfig,
+    add_cli,
+    vq_forward,
+    iter_data_images,
+    load_lpips,
+    restart_dead_codes,
+    train_image_tokenizer,
+)
+
+# A small, fast architecture for the tests that do not look at quality.
+SMALL = {"ch": 16, "z_channels": 16, "embed_dim": 16, "n_embed": 64}
+
+
+def quiet(_: str) -> None:
+    pass
+
+
+def read_log(out_dir) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / TRAIN_LOG_NAME).read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def shapes_images():
+    return [img for img, _, _ in ShapesWorld(seed=0, image_size=32).pairs("train", 72)]
+
+
+@pytest.fixture(scope="module")
+def trained(shapes_images, tmp_path_factory):
+    """A 40-step run of the tiny preset, given PIL images (so the preprocessing path is used)."""
+    out = tmp_path_factory.mktemp("vq")
+    config = VQTrainConfig(vq_preset="tiny", vq_overrides={}, steps=40, batch_size=8, lr=2e-3,
+                           warmup_steps=5, disc_start=0, log_every=10, dead_code_every=20)
+    tokenizer, result = train_image_tokenizer(shapes_images[:64], config, out_dir=out,
+                                              eval_images=shapes_images[64:], progress=False,
+                                              log=quiet)
+    return tokenizer, result, out
+
+
+# ------------------------------------------------------------------------------------- metrics
+
+
+def test_psnr_known_values():
+    a = torch.zeros(2, 3, 8, 8)
+    # 0.2 in [-1, 1] is 0.1 on the [0, 1] scale: MSE 0.01, 20 dB.
+    assert metrics.psnr(a, a + 0.2) == pytest.approx(20.0)
+    assert metrics.psnr(a, a) == pytest.approx(100.0)
+    unit = torch.full((1, 3, 8, 8), 0.5)
+    assert metrics.psnr(unit, unit + 0.1, value_range=(0.0, 1.0)) == pytest.approx(20.0)
+    # Out-of-range values are clamped, as when a reconstruction is saved.
+    assert metrics.psnr(torch.ones(1, 3, 8, 8), torch.full((1, 3, 8, 8), 3.0)) == 100.0
+
+
+def test_ssim_identical_and_constant_images():
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert metrics.ssim(x, x) == pytest.approx(1.0)
+    # Two flat images: no variance, so SSIM is the luminance term (2ab + C1) / (a² + b² + C1).
+    a, b = torch.full((1, 1, 12, 12), 0.5), torch.full((1, 1, 12, 12), 0.25)
+    c1 = 0.01**2
+    expected = (2 * 0.5 * 0.25 + c1) / (0.5**2 + 0.25**2 + c1)
+    assert metrics.ssim(a, b, value_range=(0.0, 1.0)) == pytest.approx(expected)
+
+
+def test_ssim_matches_a_hand_computed_window():
+    """11x11 images have one window position: compute it with plain numpy and the formula."""
+    rng = np.random.default_rng(0)
+    a, b = rng.random((11, 11)), rng.random((11, 11))
+    g = np.exp(-((np.arange(11) - 5.0) ** 2) / (2 * 1.5**2))
+    w = np.outer(g, g) / np.outer(g, g).sum()
+    mu_a, mu_b = (w * a).sum(), (w * b).sum()
+    var_a = (w * (a - mu_a) ** 2).sum()
+    var_b = (w * (b - mu_b) ** 2).sum()
+    cov = (w * (a - mu_a) * (b - mu_b)).sum()
+    c1, c2 = 0.01**2, 0.03**2
+    expected = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / (
+        (mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    ta, tb = (torch.from_numpy(v).float()[None, None] for v in (a, b))
+    assert metrics.ssim(ta, tb, value_range=(0.0, 1.0)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_ssim_symmetric_and_decreasing_with_noise():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    noise = torch.randn(2, 3, 32, 32, generator=g)
+    y = x + 0.1 * noise
+    assert metrics.ssim(x, y) == pytest.approx(metrics.ssim(y, x))
+    values = [metrics.ssim(x, x + s * noise) for s in (0.0, 0.05, 0.1, 0.3)]
+    assert values[0] == pytest.approx(1.0)
+    assert all(u > v for u, v in zip(values, values[1:]))
+    with pytest.raises(ValueError):
+        metrics.ssim(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 8))  # smaller than the window
+
+
+def test_ssim_matches_scikit_image():
+    skimage_metrics = pytest.importorskip("skimage.metrics")
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(2, 3, 24, 24, generator=g)
+    y = (x + 0.2 * torch.randn(2, 3, 24, 24, generator=g)).clamp(0, 1)
+    expected = np.mean([
+        skimage_metrics.structural_similarity(
+            x[i].permute(1, 2, 0).double().numpy(), y[i].permute(1, 2, 0).double().numpy(),
+            channel_axis=2, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+            data_range=1.0)
+        for i in range(2)])
+    assert metrics.ssim(x, y, value_range=(0.0, 1.0)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_codebook_usage_and_perplexity():
+    codes = torch.tensor([[0, 1, 1, 3]])
+    assert metrics.codebook_usage(codes, 8) == pytest.approx(3 / 8)
+    assert metrics.codebook_perplexity(torch.tensor([0, 0, 1, 1]), 8) == pytest.approx(2.0)
+    assert metrics.codebook_perplexity(torch.full((10,), 5), 8) == pytest.approx(1.0)
+    assert metrics.codebook_perplexity(torch.arange(8), 8) == pytest.approx(8.0)
+    # Frequencies 1/4, 2/4, 1/4.
+    assert metrics.codebook_perplexity(codes, 8) == pytest.approx(
+        math.exp(-(2 * 0.25 * math.log(0.25) + 0.5 * math.log(0.5))))
+
+
+# ------------------------------------------------------------------------------- building blocks
+
+
+def test_config_round_trip_and_disc_start(tmp_path):
+    config = VQTrainConfig(vq_overrides={"ch": 32}, betas=[0.9, 0.99], steps=100)
+    config.save(tmp_path / "c.json")
+    assert VQTrainConfig.load(tmp_path / "c.json") == config
+    assert config.disc_start_step == 50  # default: half the steps
+    assert config.replace(disc_start=10).disc_start_step == 10
+    for off in (0, -1, 100, 500):
+        assert config.replace(disc_start=off).disc_start_step is None
+    with pytest.raises(ValueError, match="preset"):
+        VQTrainConfig(vq_preset="nope")
+
+
+def test_discriminator_patch_logits():
+    disc = NLayerDiscriminator(3, channels=8, n_layers=2)
+    assert disc(torch.zeros(2, 3, 32, 32)).shape == (2, 1, 6, 6)
+
+
+def test_restart_dead_codes_replaces_exactly_the_unused_rows():
+    vqgan = VQGAN(VQGANConfig.preset("tiny", **SMALL))
+    before = vqgan.quantize.embedding.weight.detach().clone()
+    counts = torch.zeros(64, dtype=torch.long)
+    live = torch.tensor([0, 5, 7, 63])
+    counts[live] = torch.tensor([3, 1, 9, 2])
+    latents = torch.randn(2, 16, 8, 8)  # [B, D, g, g]
+    n = restart_dead_codes(vqgan, counts, latents, threshold=1,
+                           generator=torch.Generator().manual_seed(0))
+    after = vqgan.quantize.embedding.weight.detach()
+    assert n == 60
+    assert torch.equal(after[live], before[live])
+    dead = torch.ones(64, dtype=torch.bool)
+    dead[live] = False
+    flat = latents.permute(0, 2, 3, 1).reshape(-1, 16)  # [128, D]
+    # Every restarted row is one of the batch's latent vectors.
+    assert (after[dead][:, None] == flat[None]).all(dim=2).any(dim=1).all()
+    # A higher threshold also restarts rarely used codes.
+    assert restart_dead_codes(vqgan, counts, latents, 3, torch.Generator()) == 62
+
+
+def test_bf16_autocast_keeps_the_code_search_in_fp32():
+    vqgan = VQGAN(VQGANConfig.preset("tiny", **SMALL))
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    recon, codes, q_loss, latents = vq_forward(vqgan, x, 1.0, 0.25, bf16=True)
+    assert latents.dtype == torch.bfloat16 and recon.dtype == torch.float32
+    assert q_loss.dtype == torch.float32
+    assert torch.equal(codes, vqgan.quantize.nearest_codes(latents.float()))
+
+
+def test_lpips_loads_one_file_in_either_naming(tmp_path):
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in LPIPS().state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    # Random VGG weights; non-negative heads, as in the real LPIPS.
+    state = {k: (torch.randn(shape, generator=g) * 0.05).abs() for k, shape in shapes.items()}
+    torch.save(state, tmp_path / "ours.pt")
+    # taming / lpips naming: net.slice{k}.{i}.* and lin{k}.model.1.weight.
+    slices = [(1, 4), (5, 9), (10, 16), (17, 23), (24, 30)]
+    taming = {"scaling_layer.shift": torch.zeros(1, 3, 1, 1)}
+    for key, value in state.items():
+        if key.startswith("features."):
+            index = int(key.split(".")[1])
+            k = next(n for n, (lo, hi) in enumerate(slices, 1) if index < hi)
+            taming[f"net.slice{k}.{index}.{key.split('.')[2]}"] = value
+        else:
+            taming[f"lin{key.split('.')[1]}.model.1.weight"] = value
+    torch.save(taming, tmp_path / "taming.pth")
+    a = torch.rand(2, 3, 32, 32) * 2 - 1
+    b = torch.rand(2, 3, 32, 32) * 2 - 1
+    values = [load_lpips(tmp_path / name)(a, b) for name in ("ours.pt", "taming.pth")]
+    assert values[0].shape == (2,) and torch.all(values[0] > 0)
+    torch.testing.assert_close(values[0], values[1])
+    assert torch.allclose(load_lpips(tmp_path / "ours.pt")(a, a), torch.zeros(2))
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+        load_lpips(tmp_path / "absent.pth")
+    del state["lins.2.weight"]
+    torch.save(state, tmp_path / "partial.pt")
+    with pytest.raises(ValueError, match="lins.2.weight"):
+        load_lpips(tmp_path / "partial.pt")
+
+
+# -------------------------------------------------------------------------------------- training
+
+
+def test_training_lowers_the_reconstruction_loss(trained):
+    _, result, out = trained
+    records = read_log(out)
+    assert [r["step"] for r in records] == [10, 20, 30, 40]
+    assert records[-1]["rec"] < 0.85 * records[0]["rec"]
+    assert all("g_loss" not in r for r in records)  # disc_start=0: no discriminator
+    assert set(result) >= {"psnr", "ssim", "codebook_usage", "perplexity", "l1"}
+    assert result["psnr"] > 12 and 0 < result["codebook_usage"] <= 1
+    assert json.loads((out / METRICS_NAME).read_text()) == result
+
+
+def test_saved_tokenizer_loads_back_with_the_same_codes(trained, shapes_images):
+    tokenizer, _, out = trained
+    loaded = load_image_tokenizer(out)
+    images = shapes_images[64:]
+    assert torch.equal(loaded.encode(images), tokenizer.encode(images))
+    assert VQTrainConfig.load(out / "vq_train.json").steps == 40
+
+
+def test_dead_codes_are_restarted_during_training(trained):
+    _, _, out = trained
+    records = read_log(out)
+    # Restarts happen at step 20 (reported in the window ending at 20); none at the final step.
+    assert records[1]["restarted"] > 0
+    assert records[3]["restarted"] == 0
+
+
+def test_same_seed_same_model(shapes_images):
+    config = VQTrainConfig(vq_preset="tiny", vq_overrides=SMALL, steps=4, batch_size=4,
+                           disc_start=2, log_every=2, dead_code_every=2)
+    pixels = torch.stack([to_tensor(img) for img in shapes_images[:16]])  # tensor input
+    runs = [train_image_tokenizer(pixels, config.replace(seed=s), progress=False, log=quiet)
+            for s in (0, 0, 1)]
+    states = [tok.vqgan.state_dict() for tok, _ in runs]
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert not all(torch.equal(states[0][k], states[2][k]) for k in states[0])
+    assert runs[0][1]["psnr"] == runs[1][1]["psnr"]
+
+
+def test_discriminator_starts_at_disc_start(shapes_images, tmp_path):
+    lines: list[str] = []
+    config = VQTrainConfig(vq_preset="tiny", vq_overrides=SMALL, steps=6, batch_size=4,
+                           disc_start=3, log_every=1, lpips_path=str(tmp_path / "none.pth"))
+    train_image_tokenizer(shapes_images[:16], config, out_dir=tmp_path, progress=False,
+                          log=lines.append)
+    records = read_log(tmp_path)
+    for record in records:
+        active = record["step"] > 3
+        for key in ("g_loss", "d_loss", "d_weight"):
+            assert (key in record) == active, (record["step"], key)
+    assert all(math.isfinite(r["d_weight"]) and r["d_weight"] >= 0 for r in records[3:])
+    # The missing LPIPS file is noted once, and training goes on without the term.
+    assert sum("perceptual (LPIPS) loss skipped" in line for line in lines) == 1
+    assert all("perceptual" not in r for r in records)
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_trains_from_shards_and_folders(tmp_path):
+    write_dataset(tmp_path / "data", n_train_pairs=64, n_test_pairs=8, n_interleaved=4,
+                  n_interleaved_test=2, n_text=4)
+    parser = argparse.ArgumentParser()
+    add_cli(parser.add_subparsers(dest="command"))
+    base = ["--preset", "tiny", "--steps", "3", "--batch-size", "4", "--no-progress"]
+    args = parser.parse_args(["train-image", "--data",
+                              str(tmp_path / "data/pairs/train-{000000..000000}.tar"),
+                              "--eval-data", str(tmp_path / "data/pairs/test_seen-000000.tar"),
+                              "--out", str(tmp_path / "vq"), "--max-images", "32", *base])
+    assert args.func(args) == 0
+    metrics_file = json.loads((tmp_path / "vq" / METRICS_NAME).read_text())
+    assert metrics_file["train_images"] == 32 and metrics_file["steps"] == 3
+    assert load_image_tokenizer(tmp_path / "vq").num_tokens == 64
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for i, (img, _, _) in enumerate(ShapesWorld(seed=1).pairs("train", 12)):
+        img.save(folder / f"{i:02d}.{'png' if i % 2 else 'webp'}")
+    assert len(list(iter_data_images(folder))) == 12
+    args = parser.parse_args(["train-image", "--data", str(folder), "--out",
+                              str(tmp_path / "vq2"), *base])
+    assert args.func(args) == 0
+    assert (tmp_path / "vq2" / "vqgan.safetensors").is_file()
+    with pytest.raises(FileNotFoundError):
+        list(iter_data_images(tmp_path / "missing.tar"))
