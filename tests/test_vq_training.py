@@ -1,4 +1,4 @@
-"""Image-tokenizer training: metrics, losses, dead-code restarts, discriminator start, saving, CLI."""
+"""Image-tokenizer training: metrics, losses, dead-code restarts, discriminator, saving, CLI."""
 
 from __future__ import annotations
 

@@ -115,7 +115,11 @@ def ssim(
 
 
 def code_histogram(codes: torch.Tensor, n_embed: int) -> torch.Tensor:
-    """How often each code occurs in ``codes`` (any shape, values in ``[0, n_embed)``): ``[n_embed]``."""
+    """How often each code occurs in ``codes`` (any shape, values in ``[0, n_embed)``).
+
+    Returns:
+        The counts, ``[n_embed]`` (long, CPU).
+    """
     return torch.bincount(codes.reshape(-1).long().cpu(), minlength=n_embed)
 
 

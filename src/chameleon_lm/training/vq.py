@@ -82,6 +82,9 @@ class VQTrainConfig(Config):
     4.5e-6 x batch size, tuned for long GAN runs; a small model trained for minutes wants more."""
     betas: tuple[float, float] = (0.5, 0.9)
     """Adam betas (taming's, for both the autoencoder and the discriminator)."""
+    codebook_lr_scale: float = 1.0
+    """Learning rate of the codebook relative to ``lr``: Adam moves each entry by about the
+    learning rate per step, which can be slow to follow the encoder early in a short run."""
     warmup_steps: int = 50
     """Linear learning-rate warm-up."""
     min_lr_ratio: float = 0.1
@@ -143,8 +146,9 @@ class VQTrainConfig(Config):
                      "num_workers", "eval_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.lr <= 0 or self.codebook_lr_scale <= 0:
+            raise ValueError(f"lr and codebook_lr_scale must be positive, got {self.lr} and "
+                             f"{self.codebook_lr_scale}")
         if not 0 < self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be in (0, 1], got {self.min_lr_ratio}")
         if self.vq_preset not in VQGANConfig.preset_names():
@@ -196,7 +200,8 @@ class NLayerDiscriminator(nn.Module):
             prev, mult = mult, min(2**n, 8)
             stride = 2 if n < n_layers else 1
             layers += [
-                nn.Conv2d(channels * prev, channels * mult, 4, stride=stride, padding=1, bias=False),
+                nn.Conv2d(channels * prev, channels * mult, kernel_size=4, stride=stride,
+                          padding=1, bias=False),
                 nn.GroupNorm(min(32, channels * mult // 4), channels * mult),
                 nn.LeakyReLU(0.2),
             ]
@@ -226,8 +231,8 @@ def adaptive_weight(
 ) -> torch.Tensor:
     """taming's ``calculate_adaptive_weight`` (without ``disc_weight``), a detached scalar.
 
-    ``||∇ nll|| / (||∇ g|| + 1e-4)`` at ``last_layer`` (the decoder's output convolution weight),
-    clamped to [0, 1e4]. Both losses keep their graphs.
+    ``||∇ nll|| / (||∇ g|| + 1e-4)`` at ``last_layer`` (the weight of the decoder's output
+    convolution), clamped to [0, 1e4]. Both losses keep their graphs.
     """
     nll_grad = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
     g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
@@ -349,7 +354,8 @@ def load_lpips(path: str | os.PathLike) -> LPIPS:
         model = LPIPS()
     missing = sorted(set(model.state_dict()) - set(state))
     if missing:
-        raise ValueError(f"{path}: missing LPIPS weights {missing[:6]}{' ...' * (len(missing) > 6)}")
+        more = " ..." if len(missing) > 6 else ""
+        raise ValueError(f"{path}: missing LPIPS weights {missing[:6]}{more}")
     try:
         model.load_state_dict({k: state[k].float() for k in model.state_dict()}, assign=True)
     except RuntimeError as e:
@@ -555,6 +561,104 @@ def _perceptual(config: VQTrainConfig, log: Callable[[str], None]) -> LPIPS | No
     return load_lpips(config.lpips_path)
 
 
+class _VQTraining:
+    """The models and optimizers of one run, and its training step."""
+
+    def __init__(self, config: VQTrainConfig, log: Callable[[str], None]) -> None:
+        self.config = config
+        self.vq_config = config.vq_config()
+        self.device = torch.device(config.device)
+        self.disc_start = config.disc_start_step
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            self.vqgan = VQGAN(self.vq_config).to(self.device).train()
+            self.disc = (
+                NLayerDiscriminator(self.vq_config.out_ch, config.disc_channels,
+                                    config.disc_layers).to(self.device).train()
+                if self.disc_start is not None else None
+            )
+        self.lpips = _perceptual(config, log)
+        if self.lpips is not None:
+            self.lpips = self.lpips.to(self.device)
+        codebook = self.vqgan.quantize.embedding.weight
+        groups = [
+            {"params": [p for p in self.vqgan.parameters() if p is not codebook], "scale": 1.0},
+            {"params": [codebook], "scale": config.codebook_lr_scale},
+        ]
+        self.opt = torch.optim.Adam(groups, lr=config.lr, betas=config.betas)
+        self.opt_disc = (torch.optim.Adam(self.disc.parameters(), lr=config.lr, betas=config.betas)
+                         if self.disc is not None else None)
+
+    def set_lr(self, lr: float) -> None:
+        for optimizer in (self.opt, self.opt_disc):
+            if optimizer is not None:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * group.get("scale", 1.0)
+
+    def init_codebook(self, pixels: torch.Tensor, generator: torch.Generator) -> None:
+        """Set every code to a distinct random encoder output of randomly drawn images."""
+        n_embed, per_image = self.vq_config.n_embed, self.vq_config.num_tokens
+        n_images = min(pixels.shape[0], max(self.config.batch_size, -(-n_embed // per_image)))
+        images = pixels[torch.randperm(pixels.shape[0], generator=generator)[:n_images]]
+        with torch.no_grad():
+            latents = self.vqgan.encode_latents(images.to(self.device))
+        restart_dead_codes(self.vqgan, torch.zeros(n_embed, dtype=torch.long), latents, 1,
+                           generator)
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
+
+    def step(
+        self, x: torch.Tensor, use_disc: bool
+    ) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+        """One autoencoder update (and one discriminator update when ``use_disc``).
+
+        Args:
+            x: Images ``[B, 3, R, R]`` on the training device.
+            use_disc: Add the adversarial loss and train the discriminator.
+
+        Returns:
+            The step's loss values, the codes ``[B, N]`` and the latents ``[B, D, g, g]``.
+        """
+        cfg = self.config
+        recon, codes, q_loss, latents = vq_forward(self.vqgan, x, cfg.codebook_weight,
+                                                   cfg.commitment_weight, cfg.bf16)
+        l1 = (recon - x).abs().mean()
+        l2 = ((recon - x) ** 2).mean()
+        nll = cfg.l1_weight * l1 + cfg.l2_weight * l2
+        stats = {"rec": nll.item(), "l1": l1.item(), "l2": l2.item(), "quant": q_loss.item()}
+        if self.lpips is not None:
+            with self._autocast():
+                p_loss = self.lpips(x, recon).float().mean()
+            nll = nll + cfg.perceptual_weight * p_loss
+            stats["perceptual"] = p_loss.item()
+        loss = nll + q_loss
+        if use_disc:
+            self.disc.requires_grad_(False)  # no discriminator gradients from the generator loss
+            with self._autocast():
+                g_loss = -self.disc(recon).float().mean()
+            last_layer = self.vqgan.decoder.conv_out.weight
+            d_weight = adaptive_weight(nll, g_loss, last_layer) * cfg.disc_weight
+            loss = loss + d_weight * g_loss
+            stats.update(g_loss=g_loss.item(), d_weight=d_weight.item())
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+
+        if use_disc:  # on the same images
+            self.disc.requires_grad_(True)
+            with self._autocast():
+                logits = self.disc(torch.cat([x, recon.detach()])).float()
+            logits_real, logits_fake = logits.chunk(2)
+            d_loss = hinge_d_loss(logits_real, logits_fake)
+            self.opt_disc.zero_grad(set_to_none=True)
+            d_loss.backward()
+            self.opt_disc.step()
+            stats.update(d_loss=d_loss.item(), logits_real=logits_real.mean().item(),
+                         logits_fake=logits_fake.mean().item())
+        return stats, codes, latents
+
+
 def train_image_tokenizer(
     images: torch.Tensor | Iterable[ImageSource],
     config: VQTrainConfig | None = None,
@@ -587,11 +691,10 @@ def train_image_tokenizer(
         ValueError: No images, or images that do not match the resolution.
     """
     config = config or VQTrainConfig()
-    vq_config = config.vq_config()
-    device = torch.device(config.device)
-    pixels = images_to_pixels(images, vq_config.resolution, config.num_workers)
+    resolution = config.vq_config().resolution
+    pixels = images_to_pixels(images, resolution, config.num_workers)
     if eval_images is not None:
-        eval_pixels = images_to_pixels(eval_images, vq_config.resolution, config.num_workers)
+        eval_pixels = images_to_pixels(eval_images, resolution, config.num_workers)
     else:
         n_train = pixels.shape[0] - min(config.eval_size, pixels.shape[0] // 10)
         pixels, eval_pixels = pixels[:n_train], pixels[n_train:]
@@ -599,93 +702,33 @@ def train_image_tokenizer(
             eval_pixels = pixels
     if progress and log is print:
         log = tqdm.write  # keep the log lines off the progress bar
-    out = Path(out_dir) if out_dir is not None else None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
 
+    run = _VQTraining(config, log)
+    vqgan, n_embed = run.vqgan, run.vq_config.n_embed
     generator = torch.Generator().manual_seed(config.seed)
-    disc_start = config.disc_start_step
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        vqgan = VQGAN(vq_config).to(device).train()
-        disc = (NLayerDiscriminator(vq_config.out_ch, config.disc_channels, config.disc_layers)
-                .to(device).train() if disc_start is not None else None)
-    lpips = _perceptual(config, log)
-    if lpips is not None:
-        lpips = lpips.to(device)
-    opt = torch.optim.Adam(vqgan.parameters(), lr=config.lr, betas=config.betas)
-    opt_disc = (torch.optim.Adam(disc.parameters(), lr=config.lr, betas=config.betas)
-                if disc is not None else None)
     batches = _Batches(pixels, config.batch_size, generator)
-    last_layer = vqgan.decoder.conv_out.weight
-    n_embed = vq_config.n_embed
+    overrides = f" with {config.vq_overrides}" if config.vq_overrides else ""
+    log(f"training a {config.vq_preset} VQGAN{overrides} "
+        f"({sum(p.numel() for p in vqgan.parameters()):,} parameters, "
+        f"{run.vq_config.num_tokens} codes of {n_embed}) on {pixels.shape[0]} images for "
+        f"{config.steps} steps of {config.batch_size}; discriminator "
+        f"{'off' if run.disc_start is None else f'from step {run.disc_start + 1}'}")
+    if config.codebook_data_init:
+        run.init_codebook(pixels, generator)
+
     restart_counts = torch.zeros(n_embed, dtype=torch.long)  # codes chosen since the last restart
     log_counts = torch.zeros(n_embed, dtype=torch.long)  # codes chosen since the last log line
     sums: dict[str, float] = {}
     restarted = 0
     records: list[dict[str, Any]] = []
-    log(f"training a {config.vq_preset} VQGAN ({sum(p.numel() for p in vqgan.parameters()):,} "
-        f"parameters, {vq_config.num_tokens} codes of {n_embed}) on {pixels.shape[0]} images for "
-        f"{config.steps} steps of {config.batch_size}; discriminator "
-        f"{'from step ' + str(disc_start + 1) if disc_start is not None else 'off'}")
-
-    if config.codebook_data_init:
-        # Enough images for one latent per code; the codebook starts as a random pick of them.
-        n_init = min(pixels.shape[0], max(config.batch_size, -(-n_embed // vq_config.num_tokens)))
-        init_images = pixels[torch.randperm(pixels.shape[0], generator=generator)[:n_init]]
-        with torch.no_grad():
-            init_latents = vqgan.encode_latents(init_images.to(device))
-        restart_dead_codes(vqgan, torch.zeros(n_embed, dtype=torch.long), init_latents, 1,
-                           generator)
-
     t_start = t_window = time.perf_counter()
     bar = tqdm(total=config.steps, disable=not progress, desc="vq", unit="step")
     for step in range(1, config.steps + 1):
-        mult = warmup_cosine(step - 1, config.warmup_steps, config.steps, config.min_lr_ratio)
-        for optimizer in (opt, opt_disc):
-            if optimizer is not None:
-                for group in optimizer.param_groups:
-                    group["lr"] = config.lr * mult
-        x = batches.next().to(device)
-        use_disc = disc is not None and step > disc_start
-
-        # Autoencoder step.
-        recon, codes, q_loss, latents = vq_forward(vqgan, x, config.codebook_weight,
-                                                   config.commitment_weight, config.bf16)
-        l1 = (recon - x).abs().mean()
-        l2 = ((recon - x) ** 2).mean()
-        nll = config.l1_weight * l1 + config.l2_weight * l2
-        stats = {"rec": nll.item(), "l1": l1.item(), "l2": l2.item(), "quant": q_loss.item()}
-        if lpips is not None:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
-                p_loss = lpips(x, recon).float().mean()
-            nll = nll + config.perceptual_weight * p_loss
-            stats["perceptual"] = p_loss.item()
-        loss = nll + q_loss
-        if use_disc:
-            disc.requires_grad_(False)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
-                g_loss = -disc(recon).float().mean()
-            d_weight = adaptive_weight(nll, g_loss, last_layer) * config.disc_weight
-            loss = loss + d_weight * g_loss
-            stats.update(g_loss=g_loss.item(), d_weight=d_weight.item())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-        # Discriminator step, on the same images.
-        if use_disc:
-            disc.requires_grad_(True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
-                logits = disc(torch.cat([x, recon.detach()])).float()
-            logits_real, logits_fake = logits.chunk(2)
-            d_loss = hinge_d_loss(logits_real, logits_fake)
-            opt_disc.zero_grad(set_to_none=True)
-            d_loss.backward()
-            opt_disc.step()
-            stats.update(d_loss=d_loss.item(), logits_real=logits_real.mean().item(),
-                         logits_fake=logits_fake.mean().item())
-
+        lr = config.lr * warmup_cosine(step - 1, config.warmup_steps, config.steps,
+                                       config.min_lr_ratio)
+        run.set_lr(lr)
+        use_disc = run.disc_start is not None and step > run.disc_start
+        stats, codes, latents = run.step(batches.next().to(run.device), use_disc)
         step_counts = code_histogram(codes, n_embed)
         restart_counts += step_counts
         log_counts += step_counts
@@ -699,11 +742,10 @@ def train_image_tokenizer(
 
         if step % config.log_every == 0 or step == config.steps:
             n = step - (records[-1]["step"] if records else 0)
-            now = time.perf_counter()
-            record: dict[str, Any] = {"step": step, "lr": config.lr * mult}
+            record: dict[str, Any] = {"step": step, "lr": lr}
             record.update({k: v / n for k, v in sums.items()})
             record.update(usage=float((log_counts > 0).sum()) / n_embed, restarted=restarted,
-                          it_per_s=n / (now - t_window))
+                          it_per_s=n / (time.perf_counter() - t_window))
             if config.eval_every and step % config.eval_every == 0 and step < config.steps:
                 record.update({f"eval_{k}": v for k, v in
                                evaluate_reconstruction(vqgan, eval_pixels).items()})
@@ -722,7 +764,8 @@ def train_image_tokenizer(
     log("eval: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                              for k, v in metrics.items()))
     tokenizer = ImageTokenizer(vqgan)
-    if out is not None:
+    if out_dir is not None:
+        out = Path(out_dir)
         tokenizer.save(out)
         config.save(out / TRAIN_CONFIG_NAME)
         with open(out / TRAIN_LOG_NAME, "w") as f:
