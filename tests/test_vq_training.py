@@ -144,10 +144,10 @@ def test_config_round_trip_and_disc_start(tmp_path):
     config = VQTrainConfig(vq_overrides={"ch": 32}, betas=[0.9, 0.99], steps=100)
     config.save(tmp_path / "c.json")
     assert VQTrainConfig.load(tmp_path / "c.json") == config
-    assert config.disc_start_step == 50  # default: half the steps
-    assert config.replace(disc_start=10).disc_start_step == 10
+    assert not config.disc_enabled  # off by default
+    assert config.replace(disc_start=10).disc_enabled
     for off in (0, -1, 100, 500):
-        assert config.replace(disc_start=off).disc_start_step is None
+        assert not config.replace(disc_start=off).disc_enabled
     with pytest.raises(ValueError, match="preset"):
         VQTrainConfig(vq_preset="nope")
 

@@ -82,9 +82,6 @@ class VQTrainConfig(Config):
     4.5e-6 x batch size, tuned for long GAN runs; a small model trained for minutes wants more."""
     betas: tuple[float, float] = (0.5, 0.9)
     """Adam betas (taming's, for both the autoencoder and the discriminator)."""
-    codebook_lr_scale: float = 1.0
-    """Learning rate of the codebook relative to ``lr``: Adam moves each entry by about the
-    learning rate per step, which can be slow to follow the encoder early in a short run."""
     warmup_steps: int = 50
     """Linear learning-rate warm-up."""
     min_lr_ratio: float = 0.1
@@ -103,9 +100,12 @@ class VQTrainConfig(Config):
     """Weight of LPIPS (only used when ``lpips_path`` holds the weights)."""
     lpips_path: str | None = None
     """Local LPIPS file (see :func:`load_lpips`); ``None`` or a missing file skips the term."""
-    disc_start: int | None = None
+    disc_start: int = 0
     """Steps before the discriminator starts (its loss is used from step ``disc_start + 1`` on);
-    ``None`` means half of ``steps``; 0, negative or ``>= steps`` means no discriminator."""
+    0, negative or ``>= steps`` means no discriminator. Off by default: the adversarial loss
+    sharpens textures late in long runs (taming starts it after tens of thousands of steps), but
+    in a run of minutes it costs PSNR and colour/shape fidelity (measured on the shapes world:
+    19.8 dB with it from step 500 of 1000, 25.6 dB without)."""
     disc_weight: float = 0.8
     """Factor on the adaptive weight of the generator loss (taming's ``disc_weight``)."""
     disc_channels: int = 32
@@ -146,9 +146,8 @@ class VQTrainConfig(Config):
                      "num_workers", "eval_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.lr <= 0 or self.codebook_lr_scale <= 0:
-            raise ValueError(f"lr and codebook_lr_scale must be positive, got {self.lr} and "
-                             f"{self.codebook_lr_scale}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
         if not 0 < self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be in (0, 1], got {self.min_lr_ratio}")
         if self.vq_preset not in VQGANConfig.preset_names():
@@ -162,10 +161,9 @@ class VQTrainConfig(Config):
         return VQGANConfig.preset(self.vq_preset, **self.vq_overrides)
 
     @property
-    def disc_start_step(self) -> int | None:
-        """Steps before the discriminator starts, or ``None`` when it is disabled."""
-        start = self.steps // 2 if self.disc_start is None else self.disc_start
-        return start if 0 < start < self.steps else None
+    def disc_enabled(self) -> bool:
+        """Whether the discriminator trains at all (``0 < disc_start < steps``)."""
+        return 0 < self.disc_start < self.steps
 
 
 # ------------------------------------------------------------------------------- discriminator
@@ -568,24 +566,18 @@ class _VQTraining:
         self.config = config
         self.vq_config = config.vq_config()
         self.device = torch.device(config.device)
-        self.disc_start = config.disc_start_step
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             self.vqgan = VQGAN(self.vq_config).to(self.device).train()
             self.disc = (
                 NLayerDiscriminator(self.vq_config.out_ch, config.disc_channels,
                                     config.disc_layers).to(self.device).train()
-                if self.disc_start is not None else None
+                if config.disc_enabled else None
             )
         self.lpips = _perceptual(config, log)
         if self.lpips is not None:
             self.lpips = self.lpips.to(self.device)
-        codebook = self.vqgan.quantize.embedding.weight
-        groups = [
-            {"params": [p for p in self.vqgan.parameters() if p is not codebook], "scale": 1.0},
-            {"params": [codebook], "scale": config.codebook_lr_scale},
-        ]
-        self.opt = torch.optim.Adam(groups, lr=config.lr, betas=config.betas)
+        self.opt = torch.optim.Adam(self.vqgan.parameters(), lr=config.lr, betas=config.betas)
         self.opt_disc = (torch.optim.Adam(self.disc.parameters(), lr=config.lr, betas=config.betas)
                          if self.disc is not None else None)
 
@@ -593,7 +585,7 @@ class _VQTraining:
         for optimizer in (self.opt, self.opt_disc):
             if optimizer is not None:
                 for group in optimizer.param_groups:
-                    group["lr"] = lr * group.get("scale", 1.0)
+                    group["lr"] = lr
 
     def init_codebook(self, pixels: torch.Tensor, generator: torch.Generator) -> None:
         """Set every code to a distinct random encoder output of randomly drawn images."""
@@ -712,7 +704,7 @@ def train_image_tokenizer(
         f"({sum(p.numel() for p in vqgan.parameters()):,} parameters, "
         f"{run.vq_config.num_tokens} codes of {n_embed}) on {pixels.shape[0]} images for "
         f"{config.steps} steps of {config.batch_size}; discriminator "
-        f"{'off' if run.disc_start is None else f'from step {run.disc_start + 1}'}")
+        f"{f'from step {config.disc_start + 1}' if config.disc_enabled else 'off'}")
     if config.codebook_data_init:
         run.init_codebook(pixels, generator)
 
@@ -727,7 +719,7 @@ def train_image_tokenizer(
         lr = config.lr * warmup_cosine(step - 1, config.warmup_steps, config.steps,
                                        config.min_lr_ratio)
         run.set_lr(lr)
-        use_disc = run.disc_start is not None and step > run.disc_start
+        use_disc = config.disc_enabled and step > config.disc_start
         stats, codes, latents = run.step(batches.next().to(run.device), use_disc)
         step_counts = code_histogram(codes, n_embed)
         restart_counts += step_counts
@@ -809,9 +801,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--disc-start", type=int, default=None,
-                        help="steps before the discriminator starts (default: half the steps; "
-                             "0 turns it off)")
+    parser.add_argument("--disc-start", type=int, default=defaults.disc_start,
+                        help="steps before the PatchGAN discriminator starts (default "
+                             f"{defaults.disc_start}: no discriminator)")
     parser.add_argument("--max-images", type=int, default=None, help="use at most this many")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--lpips", default=None,
