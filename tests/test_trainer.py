@@ -54,6 +54,14 @@ def test_token_file_round_trip_and_batches(tmp_path, setup):
     assert data.sample_indices(3, 8, seed=1) == data.sample_indices(3, 8, seed=1)
     epoch = sum((data.sample_indices(s, 5, seed=1) for s in range(13)), [])[: len(data)]
     assert sorted(epoch) == list(range(len(data)))
+    # length grouping: same documents per window, each batch sorted by length, still deterministic
+    grouped = sum((data.sample_indices(s, 4, seed=1, group=3) for s in range(6)), [])
+    plain = sum((data.sample_indices(s, 4, seed=1) for s in range(6)), [])
+    assert sorted(grouped[:12]) == sorted(plain[:12]) and sorted(grouped[12:]) == sorted(plain[12:])
+    assert data.sample_indices(4, 4, seed=1, group=3) == grouped[16:20]
+    spread = lambda b: max(len(data[i]) for i in b) - min(len(data[i]) for i in b)  # noqa: E731
+    assert sum(spread(grouped[s : s + 4]) for s in range(0, 24, 4)) <= sum(
+        spread(plain[s : s + 4]) for s in range(0, 24, 4))
     with pytest.raises(ValueError, match="not a token file"):
         from safetensors.torch import save_file
         save_file({"x": torch.zeros(1)}, str(tmp_path / "bad.safetensors"))

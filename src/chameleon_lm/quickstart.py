@@ -115,7 +115,7 @@ def run(out: Path, cfg: QuickstartConfig, log=print) -> dict:
     data.save(out / "tokens.safetensors")
     train_cfg = TrainConfig(
         model="tiny", model_overrides={**MODEL, **(cfg.model or {}), "vocab_size": len(text_tok)},
-        steps=cfg.model_steps, batch_size=cfg.batch_size, seq_len=512, lr=cfg.lr,
+        steps=cfg.model_steps, batch_size=cfg.batch_size, seq_len=512, lr=cfg.lr, group_by_length=16,
         warmup_steps=max(cfg.model_steps // 20, 1), final_lr_ratio=0.05, z_loss=1e-4,
         out_dir=str(out / "train"), seed=cfg.seed, log_every=max(cfg.model_steps // 10, 1),
     )
@@ -130,44 +130,9 @@ def run(out: Path, cfg: QuickstartConfig, log=print) -> dict:
     # 4. generation and evaluation --------------------------------------------------------------
     t0 = time.time()
     log("[4/5] generating and judging")
-    model.eval()
-    judge = ShapesJudge(cfg.image_size)
-    gen = GenerationConfig(seed=cfg.seed, max_new_tokens=48,
-                           text=TextSampling(greedy=True, repetition_penalty=1.0),
-                           image=ImageSampling(temperature=0.7, top_p=0.9))
-    metrics: dict = {"vq_psnr": vq_metrics["psnr"], "vq_ssim": vq_metrics["ssim"],
-                     "vq_codebook_usage": vq_metrics["codebook_usage"]}
-    samples: dict = {}
-    for split, pairs in tests.items():
-        key = "seen" if split == "test_seen" else "unseen"
-        labels = [lab for _, _, lab in pairs]
-        real = [img for img, _, _ in pairs]
-        recon = image_tok.decode(_encode_all(image_tok, torch.stack(
-            [preprocess(i, cfg.image_size, "crop") for i in real])))
-        metrics[f"judge_accuracy_real_{key}"] = accuracy(judge.predict(real), labels)["both"]
-        metrics[f"judge_accuracy_vq_reconstruction_{key}"] = accuracy(judge.predict(recon), labels)["both"]
-        # caption -> image
-        prompts = [[text_tok.vocab.bos_id] + text_tok.encode(c) for _, c, _ in pairs]
-        images = []
-        for s in range(0, len(prompts), 100):
-            images += image_tok.decode(generate_images(model, text_tok.vocab, prompts[s : s + 100], gen,
-                                                       image_tok.num_tokens))
-        t2i = accuracy(judge.predict(images), labels)
-        metrics[f"text_to_image_accuracy_{key}"] = t2i["both"]
-        metrics[f"text_to_image_{key}_detail"] = t2i
-        # image -> caption
-        prompts = [codec.encode(Document.of(torch.as_tensor(c))).ids.tolist() for c in
-                   _encode_all(image_tok, torch.stack([preprocess(i, cfg.image_size, "crop") for i in real]))]
-        captions = [text_tok.decode([t for t in row if t != text_tok.vocab.eos_id])
-                    for row in generate_text(model, text_tok.vocab, prompts, gen)]
-        parsed = [parse_caption(c) or {"colour": None, "shape": None} for c in captions]
-        i2t = accuracy([(p.get("colour"), p.get("shape")) for p in parsed], labels)
-        metrics[f"image_to_text_accuracy_{key}"] = i2t["both"]
-        metrics[f"image_to_text_{key}_detail"] = i2t
-        samples[key] = [(pairs[i][1], images[i], real[i], captions[i], labels[i])
-                        for i in range(min(12, len(pairs)))]
-    metrics["text_to_image_accuracy"] = metrics["text_to_image_accuracy_seen"]
-    metrics["image_to_text_accuracy"] = metrics["image_to_text_accuracy_seen"]
+    metrics, samples = evaluate(model, codec, tests, cfg)
+    metrics = {"vq_psnr": vq_metrics["psnr"], "vq_ssim": vq_metrics["ssim"],
+               "vq_codebook_usage": vq_metrics["codebook_usage"], **metrics}
     story = _story(model, codec, world, cfg.seed)
     stage("evaluation", t0)
 
@@ -181,6 +146,48 @@ def run(out: Path, cfg: QuickstartConfig, log=print) -> dict:
         f"{metrics['image_to_text_accuracy']:.3f} (unseen {metrics['image_to_text_accuracy_unseen']:.3f}); "
         f"report {out / 'report.html'}")
     return metrics
+
+
+@torch.no_grad()
+def evaluate(model: Chameleon, codec: DocumentCodec, tests: dict, cfg: QuickstartConfig) -> tuple[dict, dict]:
+    """Captions -> images and images -> captions on the held-out pairs of each split, judged."""
+    model.eval()
+    judge = ShapesJudge(cfg.image_size)
+    gen = GenerationConfig(seed=cfg.seed, max_new_tokens=48,
+                           text=TextSampling(greedy=True, repetition_penalty=1.0),
+                           image=ImageSampling(temperature=0.7, top_p=0.9))
+    metrics: dict = {}
+    samples: dict = {}
+    for split, pairs in tests.items():
+        key = "seen" if split == "test_seen" else "unseen"
+        labels = [lab for _, _, lab in pairs]
+        real = [img for img, _, _ in pairs]
+        codes = _encode_all(codec.image, torch.stack([preprocess(i, cfg.image_size, "crop") for i in real]))
+        recon = codec.image.decode(codes)
+        metrics[f"judge_accuracy_real_{key}"] = accuracy(judge.predict(real), labels)["both"]
+        metrics[f"judge_accuracy_vq_reconstruction_{key}"] = accuracy(judge.predict(recon), labels)["both"]
+        # caption -> image
+        prompts = [[codec.text.vocab.bos_id] + codec.text.encode(c) for _, c, _ in pairs]
+        images = []
+        for s in range(0, len(prompts), 100):
+            images += codec.image.decode(generate_images(model, codec.text.vocab, prompts[s : s + 100],
+                                                         gen, codec.image.num_tokens))
+        t2i = accuracy(judge.predict(images), labels)
+        metrics[f"text_to_image_accuracy_{key}"] = t2i["both"]
+        metrics[f"text_to_image_{key}_detail"] = t2i
+        # image -> caption
+        prompts = [codec.encode(Document.of(c)).ids.tolist() for c in codes]
+        captions = [codec.text.decode([t for t in row if t != codec.text.vocab.eos_id])
+                    for row in generate_text(model, codec.text.vocab, prompts, gen)]
+        parsed = [parse_caption(c) or {"colour": None, "shape": None} for c in captions]
+        i2t = accuracy([(p.get("colour"), p.get("shape")) for p in parsed], labels)
+        metrics[f"image_to_text_accuracy_{key}"] = i2t["both"]
+        metrics[f"image_to_text_{key}_detail"] = i2t
+        samples[key] = [(pairs[i][1], images[i], real[i], captions[i], labels[i])
+                        for i in range(min(12, len(pairs)))]
+    metrics["text_to_image_accuracy"] = metrics["text_to_image_accuracy_seen"]
+    metrics["image_to_text_accuracy"] = metrics["image_to_text_accuracy_seen"]
+    return metrics, samples
 
 
 @torch.no_grad()

@@ -8,7 +8,10 @@ File layout (all flat, concatenated over documents)::
     offsets    int64 [n + 1]    document i is [offsets[i], offsets[i+1])
 
 Batches are a pure function of ``(seed, step)``: every epoch is a seeded permutation of the documents,
-so a resumed run sees exactly the batches the uninterrupted run would have seen.
+so a resumed run sees exactly the batches the uninterrupted run would have seen. Optionally the
+documents of each window of ``group`` consecutive batches are sorted by length before being cut into
+batches (and the batches of the window shuffled again), so a batch holds documents of similar length
+and padding stays small when short and long documents are mixed (Hugging Face's ``group_by_length``).
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ class TokenDocuments:
         if offsets.ndim != 1 or offsets[0] != 0 or offsets[-1] != ids.numel() or (offsets.diff() < 0).any():
             raise ValueError("offsets must rise from 0 to the number of tokens")
         self.ids, self.loss_mask, self.modality, self.offsets = ids, loss_mask, modality, offsets
+        self._windows: dict[tuple, list[list[int]]] = {}
 
     @classmethod
     def from_encoded(cls, docs: list[EncodedDocument]) -> TokenDocuments:
@@ -97,14 +101,32 @@ class TokenDocuments:
 
     # ------------------------------------------------------------------ batches
 
-    def sample_indices(self, step: int, batch_size: int, seed: int) -> list[int]:
-        """Document indices of batch ``step``: consecutive slices of per-epoch seeded permutations."""
+    def sample_indices(self, step: int, batch_size: int, seed: int, group: int = 0) -> list[int]:
+        """Document indices of batch ``step``: consecutive slices of per-epoch seeded permutations.
+
+        With ``group > 1``, the stream of documents is cut into windows of ``group * batch_size``
+        and each window is sorted by length, cut into batches and the batches shuffled: every
+        document is still seen once per epoch, batch ``step`` is still a pure function of the
+        arguments, but a batch holds documents of similar length.
+        """
         n = len(self)
-        out = []
-        for k in range(step * batch_size, (step + 1) * batch_size):
-            epoch, pos = divmod(k, n)
-            out.append(_epoch_permutation(n, seed, epoch)[pos])
-        return out
+        if group <= 1:
+            out = []
+            for k in range(step * batch_size, (step + 1) * batch_size):
+                epoch, pos = divmod(k, n)
+                out.append(_epoch_permutation(n, seed, epoch)[pos])
+            return out
+        window, offset = divmod(step, group)
+        key = (batch_size, seed, group, window)
+        if key not in self._windows:
+            docs = [i for j in range(group) for i in self.sample_indices(window * group + j, batch_size, seed)]
+            lengths = self.offsets.diff()
+            docs.sort(key=lambda i: int(lengths[i]))  # stable: ties keep the permutation's order
+            batches = [docs[s : s + batch_size] for s in range(0, len(docs), batch_size)]
+            order = torch.randperm(group, generator=torch.Generator().manual_seed(
+                (seed * 1_000_003 + window) * 31 + 17)).tolist()
+            self._windows = {key: [batches[b] for b in order]}  # keep only the current window
+        return list(self._windows[key][offset])
 
     def batch(self, indices: list[int], seq_len: int, pad_id: int) -> Batch:
         """Right-padded inputs and next-token targets; documents longer than ``seq_len + 1`` are cut."""

@@ -53,6 +53,9 @@ class TrainConfig(Config):
     steps: int = 1000
     batch_size: int = 16
     seq_len: int = 4096
+    group_by_length: int = 0
+    """Sort the documents of each window of this many batches by length before batching, so short
+    and long documents do not share (padded) batches; 0 or 1: plain shuffled batches."""
     lr: float = 1e-4
     warmup_steps: int = 4000
     schedule: str = "exp"
@@ -158,7 +161,7 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         cfg = self.config
         self.model.train()
-        idx = self.data.sample_indices(self.step, cfg.batch_size, cfg.seed)
+        idx = self.data.sample_indices(self.step, cfg.batch_size, cfg.seed, cfg.group_by_length)
         batch = self.data.batch(idx, cfg.seq_len, self.pad_id)
         ids, targets = batch.input_ids.to(self.device), batch.targets.to(self.device)
         image_targets = batch.image_targets.to(self.device)
