@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_cli(data)
 
     from chameleon_lm import quickstart
+    from chameleon_lm.checkpoints import convert
     from chameleon_lm.generation import cli as generation_cli
     from chameleon_lm.training import cli as training_cli
     from chameleon_lm.training import vq
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     tokenizer = training_cli.add_cli(sub)
     vq.add_cli(tokenizer)
     generation_cli.add_cli(sub)
+    convert.add_cli(sub)
     quickstart.add_cli(sub)
     return parser
 

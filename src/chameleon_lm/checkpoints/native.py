@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from chameleon_lm.documents import DocumentCodec
 from chameleon_lm.model import Chameleon, ChameleonConfig
 from chameleon_lm.tokenizers.image import ImageTokenizer, load_image_tokenizer
 from chameleon_lm.tokenizers.text import TextTokenizer, load_text_tokenizer
+from chameleon_lm.utils.weights import load_safetensors, read_json
 
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
 
@@ -69,44 +69,71 @@ def save_model(
 
 
 def is_native_model_dir(directory: Path) -> bool:
-    return (directory / CONFIG).is_file() and (directory / WEIGHTS).is_file()
+    """``config.json`` + ``model.safetensors``, and the config is ours (HF's names a ``model_type``)."""
+    if not ((directory / CONFIG).is_file() and (directory / WEIGHTS).is_file()):
+        return False
+    data = read_json(directory / CONFIG)
+    return isinstance(data, dict) and "model_type" not in data
 
 
 def load_native_model(
     directory: str | os.PathLike,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    vqgan: str | os.PathLike | None = None,
 ) -> LoadedModel:
-    """Load a folder written by :func:`save_model`."""
+    """Load a folder written by :func:`save_model` (``vqgan``: see :func:`load_image_tokenizer`'s
+    ``decoder``, for a folder converted from Hugging Face without a VQ decoder)."""
     directory = Path(directory)
     for name in (CONFIG, WEIGHTS, "tokenizer.json"):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory / name}: missing (expected a chameleon-lm model folder)")
-    config = ChameleonConfig.load(directory / CONFIG)
     try:
-        state = load_file(directory / WEIGHTS)
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{directory / WEIGHTS}: not a readable safetensors file ({e})") from e
+        config = ChameleonConfig.load(directory / CONFIG)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{directory / CONFIG}: not a valid model config ({e})") from e
+    model = assemble(config, load_safetensors(directory / WEIGHTS), directory / WEIGHTS, dtype, device)
+    image_tok = None
+    if (directory / "vqgan.json").is_file() or vqgan is not None:
+        image_tok = load_image_tokenizer(directory, device=device, decoder=vqgan)
+    return bundle(model, load_text_tokenizer(directory / "tokenizer.json"), image_tok, directory)
+
+
+def assemble(
+    config: ChameleonConfig,
+    state: dict[str, torch.Tensor],
+    source: Path | dict[str, Path],
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> Chameleon:
+    """A model holding exactly the tensors of ``state`` (no copy: built on the meta device and assigned),
+    then moved to ``dtype``/``device``. ``source`` names the file (or each key's file) in errors."""
     with torch.device("meta"):
         model = Chameleon(config)
-    _check_shapes(model, state, directory / WEIGHTS)
-    model.load_state_dict(state, strict=True, assign=True)
-    model = model.to(device=device, dtype=dtype).eval()
-    text_tok = load_text_tokenizer(directory / "tokenizer.json")
-    if len(text_tok) > config.vocab_size:
-        raise ValueError(f"{directory}: the tokenizer has {len(text_tok)} ids, the model {config.vocab_size}")
-    image_tok = None
-    if (directory / "vqgan.json").is_file():
-        image_tok = load_image_tokenizer(directory, device=device)
-    return LoadedModel(model, text_tok, image_tok, DocumentCodec(text_tok, image_tok))
-
-
-def _check_shapes(model: Chameleon, state: dict[str, torch.Tensor], source: Path) -> None:
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k}: {tuple(state[k].shape)} != {tuple(v.shape)}"
-             for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    if missing or unexpected or wrong:
-        raise ValueError(f"{source}: does not match its config: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}")
+    files = source if isinstance(source, dict) else {}
+    default = Path(os.path.commonpath(list(files.values()))) if files else source
+
+    def where(key: str) -> Path:
+        return files.get(key, default)
+
+    wrong = [k for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if wrong:
+        k = wrong[0]
+        raise ValueError(f"{where(k)}: {k} has shape {tuple(state[k].shape)} but the config needs "
+                         f"{tuple(expected[k].shape)}" + (f" ({len(wrong) - 1} more)" if wrong[1:] else ""))
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{where(unexpected[0]) if unexpected else default}: does not match its config: "
+                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def bundle(
+    model: Chameleon, text_tok: TextTokenizer, image_tok: ImageTokenizer | None, source: Path
+) -> LoadedModel:
+    if len(text_tok) > model.config.vocab_size:
+        raise ValueError(f"{source}: the tokenizer has {len(text_tok)} ids, the model "
+                         f"{model.config.vocab_size}")
+    return LoadedModel(model, text_tok, image_tok, DocumentCodec(text_tok, image_tok))

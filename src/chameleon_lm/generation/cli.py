@@ -31,7 +31,10 @@ class Bundle(Protocol):
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     """Register ``generate``."""
     p = subparsers.add_parser("generate", help="generate text and/or images from a prompt")
-    p.add_argument("--model", required=True, type=Path, metavar="DIR", help="a model folder")
+    p.add_argument("--model", required=True, type=Path, metavar="DIR",
+                   help="a model folder: chameleon-lm's, Hugging Face's, or Meta's data/ or models/<size>/")
+    p.add_argument("--vqgan", type=Path, metavar="CKPT",
+                   help="Meta's vqgan.ckpt, to decode images with a Hugging Face model (HF has no decoder)")
     p.add_argument("--prompt", required=True, help="the prompt text (after the --image images)")
     p.add_argument("--image", action="append", default=[], type=Path, metavar="FILE",
                    help="a prompt image, placed before the text (repeatable)")
@@ -56,7 +59,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from chameleon_lm.checkpoints import load_model
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return run_generate(load_model(args.model, device=device), args)
+    return run_generate(load_model(args.model, device=device, vqgan=args.vqgan), args)
 
 
 def config_from_args(args: argparse.Namespace) -> GenerationConfig:
@@ -108,7 +111,7 @@ def run_generate(bundle: Bundle, args: argparse.Namespace, stdout: TextIO | None
                 event.image.save(out / name)
             files.append(name)
             print(file=sys.stderr)
-            print(f"[image: {out / name if name else 'codes only (no image tokenizer)'}]", file=stdout)
+            print(f"[image: {out / name if name else 'codes only (no VQ decoder)'}]", file=stdout)
         else:
             done = event
     print(file=stdout)

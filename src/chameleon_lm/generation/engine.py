@@ -326,7 +326,8 @@ def _stream(
                 seq += code_ids + [vocab.eoi_id]
                 seq_ids[0, len(seq) - 1] = vocab.eoi_id
                 image_codes = codes.cpu() - vocab.image_start
-                image = codec.image.decode(image_codes[None])[0] if codec.image is not None else None
+                can_decode = codec.image is not None and getattr(codec.image, "can_decode", True)
+                image = codec.image.decode(image_codes[None])[0] if can_decode else None
                 images.append(image)
                 yield ImageComplete(image_codes, image)
                 if mode == "image" or len(seq) >= limit:

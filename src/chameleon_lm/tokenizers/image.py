@@ -1,4 +1,4 @@
-"""The image tokenizer: images <-> VQGAN codes, and loading from chameleon-lm's or Meta's files.
+"""The image tokenizer: images <-> VQGAN codes, and loading from chameleon-lm's, Meta's or HF's files.
 
 Layouts understood by :func:`load_image_tokenizer`:
 
@@ -6,14 +6,16 @@ Layouts understood by :func:`load_image_tokenizer`:
   and ``DIR/vqgan.safetensors`` (the state dict).
 * Meta's release: ``DIR/vqgan.yaml`` (taming-transformers config) and ``DIR/vqgan.ckpt`` (a
   Lightning-style checkpoint with the weights under ``"state_dict"``), or the same two files in
-  ``DIR/tokenizer/`` (pass Meta's ``data/`` root).
+  ``DIR/tokenizer/`` (pass Meta's ``data/`` root), or in ``DIR/../../tokenizer/`` when ``DIR`` is a
+  ``data/models/<size>/`` folder.
+* Hugging Face's ``ChameleonForConditionalGeneration`` folder: ``config.json`` (``vq_config``) and the
+  ``model.vqmodel.*`` tensors of its safetensors. These hold the encoder and quantizer only; the decoder
+  can be taken from Meta's ``vqgan.ckpt`` (``decoder=``), otherwise decoding raises a ValueError.
 """
 
 from __future__ import annotations
 
 import os
-import pickle
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -21,16 +23,20 @@ from typing import Any, Literal
 import torch
 import yaml
 from PIL import Image
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from chameleon_lm.tokenizers.images import ImageSource, preprocess, to_pil
 from chameleon_lm.tokenizers.vqgan import VQGAN, VQGANConfig
+from chameleon_lm.utils.weights import (
+    load_safetensors, load_safetensors_folder, load_torch_file, read_json,
+)
 
 CONFIG_NAME = "vqgan.json"
 WEIGHTS_NAME = "vqgan.safetensors"
 META_CONFIG_NAME = "vqgan.yaml"
 META_WEIGHTS_NAME = "vqgan.ckpt"
+HF_CONFIG_NAME = "config.json"
+HF_PREFIX = "model.vqmodel."
 
 # taming ddconfig options this implementation fixes; a YAML asking for anything else is refused.
 _TAMING_FIXED_OPTIONS = {
@@ -53,6 +59,21 @@ _TAMING_FIELDS = (
     "z_channels",
     "double_z",
 )
+# VQGANConfig field -> Hugging Face ChameleonVQVAEConfig field (their defaults are the same).
+_HF_FIELDS = {
+    "resolution": "resolution",
+    "in_channels": "in_channels",
+    "out_ch": "out_channels",
+    "ch": "base_channels",
+    "ch_mult": "channel_multiplier",
+    "num_res_blocks": "num_res_blocks",
+    "attn_resolutions": "attn_resolutions",
+    "dropout": "dropout",
+    "z_channels": "latent_channels",
+    "double_z": "double_latent",
+    "embed_dim": "embed_dim",
+    "n_embed": "num_embeddings",
+}
 
 
 class ImageTokenizer:
@@ -90,6 +111,11 @@ class ImageTokenizer:
     def resolution(self) -> int:
         """Side of the images the VQGAN sees, in pixels (512 for Chameleon)."""
         return self.config.resolution
+
+    @property
+    def can_decode(self) -> bool:
+        """False for an encoder-only tokenizer (from a Hugging Face checkpoint without Meta's decoder)."""
+        return self.vqgan.decoder is not None
 
     @property
     def device(self) -> torch.device:
@@ -140,17 +166,20 @@ def load_image_tokenizer(
     path: str | os.PathLike,
     device: str | torch.device | None = None,
     mode: Literal["crop", "pad"] = "crop",
+    decoder: str | os.PathLike | None = None,
 ) -> ImageTokenizer:
-    """Load an image tokenizer from chameleon-lm's layout or Meta's (see the module docstring).
+    """Load an image tokenizer from chameleon-lm's, Meta's or HF's layout (see the module docstring).
 
     Args:
-        path: The directory holding the files (for Meta's release, the ``tokenizer/`` folder or its
-            parent ``data/``).
+        path: The directory holding the files (for Meta's release, the ``tokenizer/`` folder, its
+            parent ``data/`` or a ``data/models/<size>/`` folder; for HF, the model folder).
         device: Where to put the VQGAN (default CPU).
         mode: Preprocessing mode, as in :class:`ImageTokenizer`.
+        decoder: Where to take the decoder from, for a checkpoint that has none (Hugging Face's):
+            Meta's ``vqgan.ckpt``, our ``vqgan.safetensors``, or a folder holding either.
 
     Raises:
-        FileNotFoundError: ``path`` does not exist or holds neither layout.
+        FileNotFoundError: ``path`` does not exist or holds no layout.
         ValueError: A config or checkpoint is malformed or does not match the architecture.
     """
     root = Path(path)
@@ -165,33 +194,114 @@ def load_image_tokenizer(
             config = VQGANConfig.load(ours[0])
         except (ValueError, TypeError) as e:
             raise ValueError(f"{ours[0]}: not a valid VQGAN config: {e}") from e
-        try:
-            state = load_file(ours[1], device="cpu")
-        except (SafetensorError, OSError) as e:
-            raise ValueError(f"{ours[1]}: cannot read safetensors file: {e}") from e
-        vqgan = _build(config, state, ours[1])
+        state, source = load_safetensors(ours[1]), str(ours[1])
+    elif is_hf_folder(root):
+        config, state, source = _hf_parts(root)
     else:
         folder = _meta_folder(root)
         if folder is None:
             raise FileNotFoundError(
                 f"{root}: no image tokenizer found; expected {CONFIG_NAME} + {WEIGHTS_NAME} "
-                f"(chameleon-lm) or {META_CONFIG_NAME} + {META_WEIGHTS_NAME} (Meta), the latter "
-                f"possibly in a tokenizer/ subfolder"
+                f"(chameleon-lm), {META_CONFIG_NAME} + {META_WEIGHTS_NAME} (Meta, possibly in a "
+                f"tokenizer/ subfolder) or a Hugging Face Chameleon {HF_CONFIG_NAME}"
             )
         yaml_path, ckpt_path = folder / META_CONFIG_NAME, folder / META_WEIGHTS_NAME
         _require_files(yaml_path, ckpt_path)
-        vqgan = _build(
-            config_from_taming_yaml(yaml_path), _load_meta_state_dict(ckpt_path), ckpt_path
-        )
-    return ImageTokenizer(vqgan.to(device or "cpu"), mode=mode)
+        config, state = config_from_taming_yaml(yaml_path), _load_meta_state_dict(ckpt_path)
+        source = str(ckpt_path)
+    if decoder is not None:
+        if any(k.startswith("decoder.") for k in state):
+            raise ValueError(f"{source}: already holds a VQ decoder (decoder= is for checkpoints "
+                             f"without one, such as Hugging Face's)")
+        ckpt = Path(decoder)
+        if ckpt.is_dir():
+            ours = ckpt / WEIGHTS_NAME
+            ckpt = ours if ours.is_file() else (_meta_folder(ckpt) or ckpt) / META_WEIGHTS_NAME
+        weights = load_safetensors(ckpt) if ckpt.suffix == ".safetensors" else _load_meta_state_dict(ckpt)
+        extra = {k: v for k, v in weights.items() if k.startswith("decoder.")}
+        if not extra:
+            raise ValueError(f"{ckpt}: holds no decoder.* weights")
+        state, source = {**state, **extra}, f"{source} + {ckpt}"
+    return ImageTokenizer(_build(config, state, source).to(device or "cpu"), mode=mode)
+
+
+def is_hf_folder(root: Path) -> bool:
+    """Whether ``root`` holds a Hugging Face Chameleon ``config.json``."""
+    path = root / HF_CONFIG_NAME
+    if not path.is_file():
+        return False
+    data = read_json(path)
+    return isinstance(data, dict) and data.get("model_type") == "chameleon"
+
+
+def _hf_parts(root: Path) -> tuple[VQGANConfig, dict[str, torch.Tensor], str]:
+    config = vq_config_from_hf(read_json(root / HF_CONFIG_NAME).get("vq_config"), root / HF_CONFIG_NAME)
+    tensors, sources = load_safetensors_folder(root, HF_PREFIX)
+    if not tensors:
+        raise FileNotFoundError(f"{root}: the Hugging Face checkpoint holds no {HF_PREFIX}* weights")
+    state = {k[len(HF_PREFIX) :]: v for k, v in tensors.items()}
+    return config, state, ", ".join(sorted({str(p) for p in sources.values()}))
 
 
 def _meta_folder(root: Path) -> Path | None:
-    """``root`` or ``root/tokenizer``, whichever holds Meta's files (``None`` if neither)."""
-    for folder in (root, root / "tokenizer"):
+    """The folder holding Meta's files: ``root``, ``root/tokenizer``, or ``root/../../tokenizer`` for a
+    ``data/models/<size>/`` folder (``None`` if none)."""
+    candidates = [root, root / "tokenizer"]
+    if (root / "params.json").is_file():
+        candidates.append(root.parent.parent / "tokenizer")
+    for folder in candidates:
         if (folder / META_CONFIG_NAME).exists() or (folder / META_WEIGHTS_NAME).exists():
             return folder
     return None
+
+
+def vq_config_from_hf(vq_config: Any, source: str | os.PathLike) -> VQGANConfig:
+    """A :class:`VQGANConfig` from the ``vq_config`` of a Hugging Face ``ChameleonConfig``."""
+    if not isinstance(vq_config, dict):
+        raise ValueError(f"{source}: no vq_config object")
+    if vq_config.get("attn_type", "vanilla") != "vanilla":
+        raise ValueError(f"{source}: vq_config.attn_type={vq_config['attn_type']!r} is not supported")
+    fields = {ours: vq_config[theirs] for ours, theirs in _HF_FIELDS.items()
+              if vq_config.get(theirs) is not None}
+    try:
+        return VQGANConfig(**fields)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{source}: vq_config: {e}") from e
+
+
+def _check_portable(config: VQGANConfig, layout: str) -> None:
+    """Meta's and HF's VQGAN code fix 32 GroupNorm groups and β = 0.25; refuse what they cannot hold."""
+    if config.norm_groups != 32 or config.beta != 0.25:
+        raise ValueError(f"the {layout} VQGAN has 32 GroupNorm groups and beta 0.25; this one has "
+                         f"{config.norm_groups} and {config.beta}")
+
+
+def hf_vq_config(config: VQGANConfig) -> dict[str, Any]:
+    """The ``vq_config`` of a Hugging Face ``ChameleonConfig`` for this VQGAN."""
+    _check_portable(config, "Hugging Face")
+    out = {theirs: getattr(config, ours) for ours, theirs in _HF_FIELDS.items()}
+    out.update(channel_multiplier=list(config.ch_mult), attn_resolutions=list(config.attn_resolutions))
+    return {"model_type": "chameleon_vqgan", "attn_type": "vanilla", **out}
+
+
+def taming_yaml(config: VQGANConfig) -> str:
+    """Meta's ``vqgan.yaml`` (taming-transformers format) for this VQGAN.
+
+    ``ckpt_path`` and ``lossconfig`` are there because Hugging Face's conversion script deletes both;
+    Meta's loader drops ``lossconfig`` and sets ``ckpt_path`` itself.
+    """
+    _check_portable(config, "Meta")
+    ddconfig = {name: getattr(config, name) for name in _TAMING_FIELDS}
+    ddconfig.update(ch_mult=list(config.ch_mult), attn_resolutions=list(config.attn_resolutions))
+    params = {
+        "embed_dim": config.embed_dim,
+        "n_embed": config.n_embed,
+        "ddconfig": ddconfig,
+        "ckpt_path": None,
+        "lossconfig": {"target": "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator"},
+    }
+    return yaml.safe_dump({"model": {"target": "taming.models.vqgan.VQModel", "params": params}},
+                          sort_keys=False)
 
 
 def _require_files(*paths: Path) -> None:
@@ -236,26 +346,19 @@ def config_from_taming_yaml(path: str | os.PathLike) -> VQGANConfig:
 
 def _load_meta_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """The model weights of a Lightning-style ``vqgan.ckpt``, minus the training-only ``loss.*``."""
-    try:
-        # weights_only: never unpickle code from a downloaded file. mmap (only possible for the zip
-        # format of torch >= 1.6): don't read the whole file into memory.
-        ckpt: Any = torch.load(
-            path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path)
-        )
-    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as e:
-        raise ValueError(
-            f"{path}: cannot load as a weights-only PyTorch checkpoint ({type(e).__name__}: {e})"
-        ) from e
+    ckpt = load_torch_file(path)
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected a dict of tensors (optionally under 'state_dict')")
     return {k: v for k, v in state.items() if not k.startswith("loss.")}
 
 
-def _build(config: VQGANConfig, state: dict[str, torch.Tensor], source: Path) -> VQGAN:
-    """A VQGAN with exactly the weights in ``state`` (every key present, no extra key)."""
+def _build(config: VQGANConfig, state: dict[str, torch.Tensor], source: str) -> VQGAN:
+    """A VQGAN with exactly the weights in ``state`` (every key present, no extra key); without any
+    ``decoder.*`` key, an encoder-only one."""
+    with_decoder = any(k.startswith("decoder.") for k in state)
     with torch.device("meta"):  # no time wasted on random init; load_state_dict assigns the tensors
-        vqgan = VQGAN(config)
+        vqgan = VQGAN(config, with_decoder=with_decoder)
     expected = set(vqgan.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:

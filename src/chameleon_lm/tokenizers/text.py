@@ -174,12 +174,15 @@ _TOKENIZER_FILES = ("tokenizer.json", "text_tokenizer.json", "tokenizer/text_tok
 
 
 def load_text_tokenizer(path: str | os.PathLike) -> TextTokenizer:
-    """Load a tokenizer file, or find one in a folder (ours, Hugging Face's or Meta's layout)."""
+    """Load a tokenizer file, or find one in a folder (ours, Hugging Face's or Meta's layout: the
+    ``data/`` root, its ``tokenizer/`` folder or a ``data/models/<size>/`` folder)."""
     path = Path(path)
     if path.is_dir():
-        found = [path / name for name in _TOKENIZER_FILES if (path / name).is_file()]
+        names = _TOKENIZER_FILES + (("../../tokenizer/text_tokenizer.json",)
+                                    if (path / "params.json").is_file() else ())
+        found = [path / name for name in names if (path / name).is_file()]
         if not found:
-            raise FileNotFoundError(f"{path}: no text tokenizer (looked for {', '.join(_TOKENIZER_FILES)})")
+            raise FileNotFoundError(f"{path}: no text tokenizer (looked for {', '.join(names)})")
         path = found[0]
     elif not path.is_file():
         raise FileNotFoundError(f"{path}: no such tokenizer file")

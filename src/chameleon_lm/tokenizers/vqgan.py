@@ -450,13 +450,17 @@ class VectorQuantizer(nn.Module):
 
 
 class VQGAN(nn.Module):
-    """Encoder, quantizer and decoder of the image tokenizer, with taming's parameter names."""
+    """Encoder, quantizer and decoder of the image tokenizer, with taming's parameter names.
 
-    def __init__(self, config: VQGANConfig) -> None:
+    ``with_decoder=False`` builds the encoder half only (Hugging Face checkpoints carry no decoder);
+    decoding then raises a ValueError.
+    """
+
+    def __init__(self, config: VQGANConfig, with_decoder: bool = True) -> None:
         super().__init__()
         self.config = config
         self.encoder = Encoder(config)
-        self.decoder = Decoder(config)
+        self.decoder = Decoder(config) if with_decoder else None
         self.quantize = VectorQuantizer(config)
         self.quant_conv = nn.Conv2d(config.z_channels, config.embed_dim, kernel_size=1)
         self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, kernel_size=1)
@@ -508,6 +512,11 @@ class VQGAN(nn.Module):
 
     def decode_latents(self, z_q: torch.Tensor) -> torch.Tensor:
         """Unclamped pixels ``[B, out_ch, R, R]`` of quantized latents ``[B, embed_dim, g, g]``."""
+        if self.decoder is None:
+            raise ValueError(
+                "this VQGAN has no decoder (Hugging Face checkpoints carry only the encoder): load the "
+                "decoder from Meta's vqgan.ckpt, e.g. load_model(path, vqgan='data/tokenizer/vqgan.ckpt')"
+            )
         return self.decoder(self.post_quant_conv(z_q))
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
