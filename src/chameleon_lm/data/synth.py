@@ -349,18 +349,24 @@ class ShapesWorld:
         seed: World seed; decides the held-out pairs and, with each sampler's seed, all samples.
         image_size: Side of the square images in pixels (32 or 64 are the intended sizes).
         holdout_fraction: Fraction of (colour, shape) pairs held out (at least ``MIN_HELDOUT``).
+        sizes: The shape sizes images may show (a subset of ``SIZES``; all by default).
         heldout_pairs: The held-out (colour, shape) pairs, in vocabulary order.
     """
 
     seed: int = 0
     image_size: int = 32
     holdout_fraction: float = 0.125
+    sizes: tuple[str, ...] = tuple(SIZES)
     heldout_pairs: tuple[tuple[str, str], ...] = field(init=False)
     _allowed: dict[str, tuple[tuple[str, str], ...]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.image_size < 16:
             raise ValueError(f"image_size must be at least 16, got {self.image_size}")
+        unknown = [s for s in self.sizes if s not in SIZES]
+        if unknown or not self.sizes:
+            raise ValueError(f"sizes must be a non-empty subset of {list(SIZES)}, got {list(self.sizes)}")
+        object.__setattr__(self, "sizes", tuple(s for s in SIZES if s in self.sizes))
         heldout = _heldout_pairs(self.seed, self.holdout_fraction)
         seen = tuple((c, s) for c in COLOURS for s in SHAPES if (c, s) not in heldout)
         object.__setattr__(self, "heldout_pairs", heldout)
@@ -390,7 +396,7 @@ class ShapesWorld:
         return {
             "colour": colour,
             "shape": shape,
-            "size": rng.choice(list(SIZES)),
+            "size": rng.choice(self.sizes),
             "position": rng.choice(POSITIONS),
             "background": rng.choice(list(BACKGROUNDS)),
             "pose": {
@@ -437,14 +443,14 @@ class ShapesWorld:
         labels.append(label)
         n_changes = rng.randint(1, 3)
         allowed = set(self.allowed_pairs(split))
-        sizes = list(SIZES)
+        sizes = list(self.sizes)
         for step in range(n_changes):
             options = {
                 "colour": [c for c in COLOURS
                            if c != label["colour"] and (c, label["shape"]) in allowed],
                 "shape": [s for s in SHAPES
                           if s != label["shape"] and (label["colour"], s) in allowed],
-                "size": [s for s in SIZES if s != label["size"]],
+                "size": [s for s in self.sizes if s != label["size"]],
                 "position": [p for p in POSITIONS if p != label["position"]],
                 "background": [b for b in BACKGROUNDS if b != label["background"]],
             }
@@ -615,6 +621,7 @@ def write_dataset(
     seed: int = 0,
     image_size: int = 32,
     holdout_fraction: float = 0.125,
+    sizes: tuple[str, ...] | None = None,
     n_train_pairs: int = 20000,
     n_test_pairs: int = 400,
     n_interleaved: int = 2000,
@@ -638,6 +645,7 @@ def write_dataset(
         seed: World seed (held-out pairs and all samples).
         image_size: Image side in pixels.
         holdout_fraction: Fraction of (colour, shape) pairs held out of training.
+        sizes: Shape sizes to draw (a subset of ``SIZES``); ``None``: all of them.
         n_train_pairs: Image-caption pairs in ``train``.
         n_test_pairs: Image-caption pairs in each of ``test_seen`` and ``test_unseen``.
         n_interleaved: Picture stories in ``train``.
@@ -662,7 +670,8 @@ def write_dataset(
             raise ValueError(f"{name} must be >= 0, got {value}")
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-    world = ShapesWorld(seed=seed, image_size=image_size, holdout_fraction=holdout_fraction)
+    world = ShapesWorld(seed=seed, image_size=image_size, holdout_fraction=holdout_fraction,
+                        **({} if sizes is None else {"sizes": tuple(sizes)}))
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite or not out.is_dir():
@@ -699,7 +708,7 @@ def write_dataset(
         "vocab": {
             "colours": {name: list(rgb) for name, rgb in COLOURS.items()},
             "shapes": list(SHAPES),
-            "sizes": list(SIZES),
+            "sizes": list(world.sizes),
             "positions": list(POSITIONS),
             "backgrounds": {name: list(rgb) for name, rgb in BACKGROUNDS.items()},
         },
@@ -779,6 +788,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--image-size", type=int, default=32, help="image side in px (default 32)")
     parser.add_argument("--holdout-fraction", type=float, default=0.125,
                         help="fraction of (colour, shape) pairs held out (default 0.125)")
+    parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=None,
+                        help="shape sizes to draw (default: all)")
     parser.add_argument("--train-pairs", type=int, default=20000, help="train image-caption pairs")
     parser.add_argument("--test-pairs", type=int, default=400,
                         help="pairs in each of test_seen and test_unseen")
@@ -797,7 +808,7 @@ def run_cli(args: argparse.Namespace) -> int:
     """Write the dataset ``add_cli``'s options describe and print a summary."""
     manifest = write_dataset(
         args.out, seed=args.seed, image_size=args.image_size,
-        holdout_fraction=args.holdout_fraction, n_train_pairs=args.train_pairs,
+        holdout_fraction=args.holdout_fraction, sizes=args.sizes, n_train_pairs=args.train_pairs,
         n_test_pairs=args.test_pairs, n_interleaved=args.interleaved,
         n_interleaved_test=args.interleaved_test, n_text=args.text_docs,
         shard_size=args.shard_size, overwrite=args.overwrite)
