@@ -265,18 +265,22 @@ def test_stories_change_one_attribute_per_step_as_the_text_says():
 
 
 def test_world_can_be_restricted_to_some_sizes(tmp_path):
-    world = ShapesWorld(seed=0, sizes=("large", "medium"))
-    assert world.sizes == ("medium", "large")  # vocabulary order
+    world = ShapesWorld(seed=0, sizes=("large", "medium"), backgrounds=("slate", "grey"))
+    assert world.sizes == ("medium", "large") and world.backgrounds == ("grey", "slate")
     labels = [lab for _, _, lab in world.pairs("train", 200)]
     labels += [lab for d in world.interleaved("train", 40) for lab in d.labels if lab]
     assert {lab["size"] for lab in labels} == {"medium", "large"}
+    assert {lab["background"] for lab in labels} == {"grey", "slate"}
     assert ShapesWorld(seed=0, sizes=("small",)).pairs("train", 1)[0][2]["size"] == "small"
     for bad in ((), ("huge",)):
         with pytest.raises(ValueError, match="sizes"):
             ShapesWorld(seed=0, sizes=bad)
-    manifest = write_dataset(tmp_path, sizes=["large", "medium"], n_train_pairs=5, n_test_pairs=2,
-                             n_interleaved=2, n_interleaved_test=1, n_text=2)
+        with pytest.raises(ValueError, match="backgrounds"):
+            ShapesWorld(seed=0, backgrounds=bad)
+    manifest = write_dataset(tmp_path, sizes=["large", "medium"], backgrounds=["grey"], n_train_pairs=5,
+                             n_test_pairs=2, n_interleaved=2, n_interleaved_test=1, n_text=2)
     assert manifest["vocab"]["sizes"] == ["medium", "large"]
+    assert list(manifest["vocab"]["backgrounds"]) == ["grey"]
 
 
 def test_text_documents_are_varied_sentences():

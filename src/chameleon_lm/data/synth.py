@@ -350,6 +350,7 @@ class ShapesWorld:
         image_size: Side of the square images in pixels (32 or 64 are the intended sizes).
         holdout_fraction: Fraction of (colour, shape) pairs held out (at least ``MIN_HELDOUT``).
         sizes: The shape sizes images may show (a subset of ``SIZES``; all by default).
+        backgrounds: The background colours images may show (a subset of ``BACKGROUNDS``).
         heldout_pairs: The held-out (colour, shape) pairs, in vocabulary order.
     """
 
@@ -357,16 +358,18 @@ class ShapesWorld:
     image_size: int = 32
     holdout_fraction: float = 0.125
     sizes: tuple[str, ...] = tuple(SIZES)
+    backgrounds: tuple[str, ...] = tuple(BACKGROUNDS)
     heldout_pairs: tuple[tuple[str, str], ...] = field(init=False)
     _allowed: dict[str, tuple[tuple[str, str], ...]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.image_size < 16:
             raise ValueError(f"image_size must be at least 16, got {self.image_size}")
-        unknown = [s for s in self.sizes if s not in SIZES]
-        if unknown or not self.sizes:
-            raise ValueError(f"sizes must be a non-empty subset of {list(SIZES)}, got {list(self.sizes)}")
-        object.__setattr__(self, "sizes", tuple(s for s in SIZES if s in self.sizes))
+        for name, vocab in (("sizes", SIZES), ("backgrounds", BACKGROUNDS)):
+            chosen = getattr(self, name)
+            if not chosen or any(v not in vocab for v in chosen):
+                raise ValueError(f"{name} must be a non-empty subset of {list(vocab)}, got {list(chosen)}")
+            object.__setattr__(self, name, tuple(v for v in vocab if v in chosen))  # vocabulary order
         heldout = _heldout_pairs(self.seed, self.holdout_fraction)
         seen = tuple((c, s) for c in COLOURS for s in SHAPES if (c, s) not in heldout)
         object.__setattr__(self, "heldout_pairs", heldout)
@@ -398,7 +401,7 @@ class ShapesWorld:
             "shape": shape,
             "size": rng.choice(self.sizes),
             "position": rng.choice(POSITIONS),
-            "background": rng.choice(list(BACKGROUNDS)),
+            "background": rng.choice(self.backgrounds),
             "pose": {
                 "dx": round(rng.uniform(-MAX_OFFSET, MAX_OFFSET), 4),
                 "dy": round(rng.uniform(-MAX_OFFSET, MAX_OFFSET), 4),
@@ -452,7 +455,7 @@ class ShapesWorld:
                           if s != label["shape"] and (label["colour"], s) in allowed],
                 "size": [s for s in self.sizes if s != label["size"]],
                 "position": [p for p in POSITIONS if p != label["position"]],
-                "background": [b for b in BACKGROUNDS if b != label["background"]],
+                "background": [b for b in self.backgrounds if b != label["background"]],
             }
             attribute = rng.choice([a for a, values in options.items() if values])
             old = label[attribute]
@@ -622,6 +625,7 @@ def write_dataset(
     image_size: int = 32,
     holdout_fraction: float = 0.125,
     sizes: tuple[str, ...] | None = None,
+    backgrounds: tuple[str, ...] | None = None,
     n_train_pairs: int = 20000,
     n_test_pairs: int = 400,
     n_interleaved: int = 2000,
@@ -646,6 +650,7 @@ def write_dataset(
         image_size: Image side in pixels.
         holdout_fraction: Fraction of (colour, shape) pairs held out of training.
         sizes: Shape sizes to draw (a subset of ``SIZES``); ``None``: all of them.
+        backgrounds: Backgrounds to draw (a subset of ``BACKGROUNDS``); ``None``: all of them.
         n_train_pairs: Image-caption pairs in ``train``.
         n_test_pairs: Image-caption pairs in each of ``test_seen`` and ``test_unseen``.
         n_interleaved: Picture stories in ``train``.
@@ -671,7 +676,8 @@ def write_dataset(
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     world = ShapesWorld(seed=seed, image_size=image_size, holdout_fraction=holdout_fraction,
-                        **({} if sizes is None else {"sizes": tuple(sizes)}))
+                        **({} if sizes is None else {"sizes": tuple(sizes)}),
+                        **({} if backgrounds is None else {"backgrounds": tuple(backgrounds)}))
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite or not out.is_dir():
@@ -710,7 +716,7 @@ def write_dataset(
             "shapes": list(SHAPES),
             "sizes": list(world.sizes),
             "positions": list(POSITIONS),
-            "backgrounds": {name: list(rgb) for name, rgb in BACKGROUNDS.items()},
+            "backgrounds": {name: list(BACKGROUNDS[name]) for name in world.backgrounds},
         },
         "heldout_pairs": [list(pair) for pair in world.heldout_pairs],
         "counts": {
@@ -790,6 +796,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         help="fraction of (colour, shape) pairs held out (default 0.125)")
     parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=None,
                         help="shape sizes to draw (default: all)")
+    parser.add_argument("--backgrounds", nargs="+", choices=list(BACKGROUNDS), default=None,
+                        help="backgrounds to draw (default: all)")
     parser.add_argument("--train-pairs", type=int, default=20000, help="train image-caption pairs")
     parser.add_argument("--test-pairs", type=int, default=400,
                         help="pairs in each of test_seen and test_unseen")
@@ -808,7 +816,8 @@ def run_cli(args: argparse.Namespace) -> int:
     """Write the dataset ``add_cli``'s options describe and print a summary."""
     manifest = write_dataset(
         args.out, seed=args.seed, image_size=args.image_size,
-        holdout_fraction=args.holdout_fraction, sizes=args.sizes, n_train_pairs=args.train_pairs,
+        holdout_fraction=args.holdout_fraction, sizes=args.sizes, backgrounds=args.backgrounds,
+        n_train_pairs=args.train_pairs,
         n_test_pairs=args.test_pairs, n_interleaved=args.interleaved,
         n_interleaved_test=args.interleaved_test, n_text=args.text_docs,
         shard_size=args.shard_size, overwrite=args.overwrite)
