@@ -43,6 +43,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
+                    help="which rows to run (bf16 autocast is emulated, hence slow, without AMX/AVX512-BF16)")
     args = ap.parse_args()
     torch.manual_seed(0)
     ours = Chameleon(ChameleonConfig.preset("small"))
@@ -69,6 +71,8 @@ def main() -> None:
 
     rows = []
     for name, dtype in (("fp32", None), ("bf16 autocast", torch.bfloat16)):
+        if name.split()[0] not in args.precision:
+            continue
         ours.train()
         hf.train()
         o_opt = build_adamw(ours, 1e-4)
