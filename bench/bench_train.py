@@ -56,8 +56,8 @@ def main() -> None:
 
     def our_step(opt, dtype):
         with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
-            s = lm_loss_sums(ours.hidden_states(inputs), ours.output.weight, targets)
-            loss = (s.ce + 1e-5 * s.z) / s.n
+            s = lm_loss_sums(ours.hidden_states(inputs), ours.output.weight, targets, z_loss_weight=1e-5)
+            loss = s.loss / s.n
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -29,16 +29,40 @@ def test_chunked_loss_equals_naive(chunk):
     targets[0, :4] = IGNORE_INDEX
     image = torch.zeros(3, 11, dtype=torch.bool)
     image[1] = True
-    s = lm_loss_sums(hidden, weight, targets, image, chunk_size=chunk)
+    s = lm_loss_sums(hidden, weight, targets, image, chunk_size=chunk, z_loss_weight=1e-4)
     ce, z, n = naive(hidden, weight, targets)
     torch.testing.assert_close(s.ce, ce)
     torch.testing.assert_close(s.z, z)
     assert s.n == n == 29 and s.n_image == 11 and s.n_text == 18
     torch.testing.assert_close(s.ce_text + s.ce_image, ce)
-    g = torch.autograd.grad((s.total(1e-4) / s.n), (hidden, weight))
+    torch.testing.assert_close(s.loss, ce + 1e-4 * z)
+    g = torch.autograd.grad((s.loss / s.n), (hidden, weight))
     g_ref = torch.autograd.grad((ce + 1e-4 * z) / n, (hidden, weight))
     for a, b in zip(g, g_ref):
         torch.testing.assert_close(a, b)
+
+
+def test_fused_head_loss_partial_grads_no_grad_and_bf16():
+    hidden = torch.randn(2, 9, 16, requires_grad=True)
+    weight = torch.randn(40, 16)
+    targets = torch.randint(0, 40, (2, 9))
+    s = lm_loss_sums(hidden, weight, targets, chunk_size=5, z_loss_weight=1e-3)
+    ce, z, n = naive(hidden, weight, targets)
+    (g,) = torch.autograd.grad(s.loss * 3.0, hidden)  # the upstream gradient scales the result
+    (g_ref,) = torch.autograd.grad((ce + 1e-3 * z) * 3.0, hidden)
+    torch.testing.assert_close(g, g_ref)
+    with torch.no_grad():
+        s = lm_loss_sums(hidden, weight, targets)
+    assert not s.loss.requires_grad
+    torch.testing.assert_close(s.loss, ce.detach())
+    w = weight.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = hidden.detach().to(torch.bfloat16)
+        s = lm_loss_sums(h, w, targets, chunk_size=4)
+    s.loss.backward()
+    (gw_ref,) = torch.autograd.grad(naive(hidden.detach(), w, targets)[0], w)
+    assert w.grad.dtype == torch.float32
+    torch.testing.assert_close(w.grad, gw_ref, atol=0.15, rtol=0.05)
 
 
 def test_z_loss_formula():

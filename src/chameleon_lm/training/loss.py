@@ -1,8 +1,11 @@
 """Language-model loss: cross-entropy + z-loss, computed in chunks from the final hidden states.
 
-The output head is applied one chunk of tokens at a time under activation checkpointing, so a
-65,536-word vocabulary never materialises ``[tokens, V]`` fp32 logits for the whole batch: only one
-chunk's logits exist at a time, in the forward and again in the backward.
+The output head is applied one chunk of tokens at a time, so a 65,536-word vocabulary never
+materialises ``[tokens, V]`` fp32 logits for the whole batch. When gradients are wanted, each chunk's
+gradient is computed in the forward pass, right after its loss (``softmax·(1 + 2·w_z·lse) − one-hot``
+for ``ce + w_z·lse²``), and kept as the gradients of the hidden states and of the head weight: no
+logits are kept or recomputed, so the head costs the minimum 6·N·V·D FLOPs (forward, input gradient,
+weight gradient) and one chunk of memory.
 
 Reductions follow torchtitan: the per-token losses are *summed* and the caller divides by the number of
 valid target tokens of the whole optimizer step (so gradient accumulation and data parallelism give the
@@ -14,15 +17,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from chameleon_lm.data.tokens import IGNORE_INDEX
 
 
 @dataclass
 class LossSums:
-    """Sums over valid target tokens; divide by the counts to get means."""
+    """Sums over valid target tokens; divide by the counts to get means.
 
+    ``loss`` (``ce + z_loss_weight · z``, summed) is the only tensor with a gradient; the others are
+    for logging.
+    """
+
+    loss: torch.Tensor
     ce: torch.Tensor
     z: torch.Tensor
     n: torch.Tensor
@@ -31,21 +38,44 @@ class LossSums:
     ce_image: torch.Tensor
     n_image: torch.Tensor
 
-    def total(self, z_loss_weight: float) -> torch.Tensor:
-        """``ce + z_loss_weight · z`` (summed): the quantity to back-propagate after normalising."""
-        return self.ce + z_loss_weight * self.z
 
+class _FusedHeadLoss(torch.autograd.Function):
+    """``sum(ce + w_z·lse²)`` over valid targets of ``h @ w.T``, with gradients computed in the forward."""
 
-def _chunk_losses(
-    h_ND: torch.Tensor, w_VD: torch.Tensor, t_N: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = (h_ND @ w_VD.t()).float()  # [N, V], fp32 for the softmax
-    lse = torch.logsumexp(logits, dim=-1)
-    valid = t_N != IGNORE_INDEX
-    target_logit = logits.gather(1, t_N.clamp(min=0)[:, None])[:, 0]
-    ce = torch.where(valid, lse - target_logit, 0.0)
-    z = torch.where(valid, lse.square(), 0.0)
-    return ce, z
+    @staticmethod
+    def forward(ctx, h_ND, w_VD, t_N, z_weight: float, chunk_size: int, need_h: bool, need_w: bool):
+        grad_h = torch.zeros_like(h_ND) if need_h else None
+        grad_w = torch.zeros_like(w_VD, dtype=torch.float32) if need_w else None
+        ce = torch.zeros(t_N.numel(), dtype=torch.float32, device=h_ND.device)
+        z = torch.zeros_like(ce)
+        for s in range(0, t_N.numel(), chunk_size):
+            h, t = h_ND[s : s + chunk_size], t_N[s : s + chunk_size]
+            logits = (h @ w_VD.t()).float()  # [n, V], fp32 for the softmax
+            lse = torch.logsumexp(logits, dim=-1)
+            valid = t != IGNORE_INDEX
+            safe_t = t.clamp(min=0)[:, None]
+            ce[s : s + chunk_size] = torch.where(valid, lse - logits.gather(1, safe_t)[:, 0], 0.0)
+            z[s : s + chunk_size] = torch.where(valid, lse.square(), 0.0)
+            if need_h or need_w:
+                grad = logits.sub_(lse[:, None]).exp_()  # the softmax, in place of the logits
+                grad.mul_(torch.where(valid, 1 + 2 * z_weight * lse, 0.0)[:, None])
+                grad.scatter_add_(1, safe_t, -valid.float()[:, None])
+                grad = grad.to(torch.promote_types(h.dtype, w_VD.dtype))  # bf16 under bf16 autocast
+                if need_h:
+                    grad_h[s : s + chunk_size] = grad @ w_VD.to(grad.dtype)
+                if need_w:
+                    grad_w += grad.t() @ h.to(grad.dtype)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.w_dtype = w_VD.dtype
+        ctx.mark_non_differentiable(ce, z)
+        return (ce + z_weight * z).sum(), ce, z
+
+    @staticmethod
+    def backward(ctx, g_loss, _g_ce, _g_z):
+        grad_h, grad_w = ctx.saved_tensors
+        return (None if grad_h is None else grad_h * g_loss.to(grad_h.dtype),
+                None if grad_w is None else (grad_w * g_loss).to(ctx.w_dtype),
+                None, None, None, None, None)
 
 
 def lm_loss_sums(
@@ -54,6 +84,7 @@ def lm_loss_sums(
     targets_BT: torch.Tensor,
     image_mask_BT: torch.Tensor | None = None,
     chunk_size: int = 2048,
+    z_loss_weight: float = 0.0,
 ) -> LossSums:
     """Summed CE and z-loss (``logsumexp(logits)²``) over targets that are not ``IGNORE_INDEX``.
 
@@ -64,24 +95,17 @@ def lm_loss_sums(
         image_mask_BT: True where the *target* is an image code, for the per-modality CE; other valid
             targets count as text (structural tokens such as ``<eoss>`` included).
         chunk_size: tokens per head application.
+        z_loss_weight: weight of the z-loss in ``LossSums.loss`` (the paper's 1e-5).
     """
     h = hidden_BTD.reshape(-1, hidden_BTD.shape[-1])
     t = targets_BT.reshape(-1)
-    ce_parts, z_parts = [], []
-    for s in range(0, t.numel(), chunk_size):
-        h_c, t_c = h[s : s + chunk_size], t[s : s + chunk_size]
-        if torch.is_grad_enabled() and (h_c.requires_grad or head_weight_VD.requires_grad):
-            ce_c, z_c = checkpoint(_chunk_losses, h_c, head_weight_VD, t_c, use_reentrant=False)
-        else:
-            ce_c, z_c = _chunk_losses(h_c, head_weight_VD, t_c)
-        ce_parts.append(ce_c)
-        z_parts.append(z_c)
-    ce, z = torch.cat(ce_parts), torch.cat(z_parts)
+    grad = torch.is_grad_enabled()
+    loss, ce, z = _FusedHeadLoss.apply(h, head_weight_VD, t, float(z_loss_weight), chunk_size,
+                                       grad and h.requires_grad, grad and head_weight_VD.requires_grad)
     valid = t != IGNORE_INDEX
     image = valid & (image_mask_BT.reshape(-1) if image_mask_BT is not None else torch.zeros_like(valid))
     text = valid & ~image
     return LossSums(
-        ce=ce.sum(), z=z.sum(), n=valid.sum(),
-        ce_text=ce[text].sum().detach(), n_text=text.sum(),
-        ce_image=ce[image].sum().detach(), n_image=image.sum(),
+        loss=loss, ce=ce.sum(), z=z.sum(), n=valid.sum(),
+        ce_text=ce[text].sum(), n_text=text.sum(), ce_image=ce[image].sum(), n_image=image.sum(),
     )

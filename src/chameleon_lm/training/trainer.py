@@ -170,9 +170,9 @@ class Trainer:
                             enabled=self.autocast_dtype is not None):
             hidden = self.model.hidden_states(ids)
             sums = lm_loss_sums(hidden, self.model.output.weight, targets, image_targets,
-                                chunk_size=cfg.loss_chunk)
+                                chunk_size=cfg.loss_chunk, z_loss_weight=cfg.z_loss)
         n = sums.n.clamp(min=1)
-        loss = sums.total(cfg.z_loss) / n
+        loss = sums.loss / n
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
