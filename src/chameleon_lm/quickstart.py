@@ -42,7 +42,7 @@ from chameleon_lm.training.vq import VQTrainConfig, train_image_tokenizer
 
 @dataclass
 class QuickstartConfig:
-    """The quickstart run. Defaults fit about 12 minutes on 2 CPU cores (see the README)."""
+    """The quickstart run. Defaults fit about 11 minutes on 2 CPU cores (see the README)."""
 
     seed: int = 0
     image_size: int = 32
