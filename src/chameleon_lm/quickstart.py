@@ -42,7 +42,7 @@ from chameleon_lm.training.vq import VQTrainConfig, train_image_tokenizer
 
 @dataclass
 class QuickstartConfig:
-    """The quickstart run. Defaults fit about 11 minutes on 2 CPU cores (see the README)."""
+    """The quickstart run. Defaults fit about 12 minutes on 2 CPU cores (see the README)."""
 
     seed: int = 0
     image_size: int = 32
@@ -60,7 +60,7 @@ class QuickstartConfig:
     vq_steps: int = 600
     bpe_vocab: int = 2048
     caption_dropout: float = 0.1
-    model_steps: int = 2500
+    model_steps: int = 3200
     batch_size: int = 16
     lr: float = 5e-3
     model: dict | None = None
