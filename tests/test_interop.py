@@ -537,6 +537,16 @@ def test_meta_export_refuses_per_head_qk_norm(tmp_path, tok):
         convert(tmp_path / "native", tmp_path / "meta", "meta")
 
 
+def test_exports_refuse_a_patch_encoder_before_writing(tmp_path, tok):
+    model = Chameleon(tiny())
+    vqgan = VQGAN(PARITY_CONFIG.replace(encoder="patch"))
+    save_model(tmp_path / "native", model, tok, ImageTokenizer(vqgan))
+    for layout in ("meta", "hf"):
+        with pytest.raises(ValueError, match="taming encoders only"):
+            convert(tmp_path / "native", tmp_path / layout, layout)
+        assert not (tmp_path / layout).exists() or not any((tmp_path / layout).rglob("*.*")), layout
+
+
 def test_convert_cli(tmp_path, native_dir, capsys):
     assert main(["convert", str(native_dir), str(tmp_path / "hf"), "--to", "hf"]) == 0
     assert "wrote" in capsys.readouterr().out

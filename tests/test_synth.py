@@ -283,6 +283,37 @@ def test_world_can_be_restricted_to_some_sizes(tmp_path):
     assert list(manifest["vocab"]["backgrounds"]) == ["grey"]
 
 
+def test_snap_puts_shapes_on_a_pixel_grid_and_jitter_scales_the_pose(tmp_path):
+    def bbox_centre(label: dict) -> tuple[float, float]:
+        ys, xs = np.nonzero((np.asarray(render(label, 32)) != BACKGROUNDS["grey"]).any(axis=-1))
+        return (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2
+
+    world = ShapesWorld(seed=0, sizes=("medium", "large"), backgrounds=("grey",), snap=4, jitter=0.0)
+    labels = [lab for _, _, lab in world.pairs("train", 120)]
+    assert {lab["position"] for lab in labels} == set(POSITIONS)
+    offsets = set()
+    for lab in labels:
+        assert lab["pose"]["scale"] == 1.0 and lab["pose"]["rotation"] == 0.0
+        x, y = bbox_centre(lab)  # a symmetric shape at a whole pixel: the box is centred on it
+        offsets.add((lab["size"], lab["position"], x - 16, y - 16))
+        assert (x - 16) % 4 == 0 and (y - 16) % 4 == 0, lab
+    # one offset per size and position: left/right and top/bottom are mirror images, centre is 0
+    assert len(offsets) == 2 * len(POSITIONS)
+    assert {(o[2], o[3]) for o in offsets if o[1] == "centre"} == {(0, 0)}
+    # a labelled image still renders from its label alone, and the manifest records the options
+    manifest = write_dataset(tmp_path, sizes=["medium"], backgrounds=["grey"], snap=4, jitter=0.5,
+                             n_train_pairs=20, n_test_pairs=2, n_interleaved=2, n_interleaved_test=1,
+                             n_text=2)
+    assert (manifest["snap"], manifest["jitter"]) == (4, 0.5)
+    for image, _, meta in _pairs(tmp_path, manifest, "train"):
+        assert image.tobytes() == render(meta, 32).tobytes()
+        assert abs(meta["pose"]["rotation"]) <= 5.0 and abs(meta["pose"]["scale"] - 1) <= 0.03
+    with pytest.raises(ValueError, match="jitter"):
+        ShapesWorld(jitter=1.5)
+    with pytest.raises(ValueError, match="snap"):
+        ShapesWorld(snap=-1)
+
+
 def test_text_documents_are_varied_sentences():
     docs = ShapesWorld(seed=0).text_documents(50)
     assert len(docs) == 50 and len(set(docs)) == 50

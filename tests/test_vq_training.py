@@ -302,8 +302,9 @@ def test_cli_trains_from_shards_and_folders(tmp_path):
         img.save(folder / f"{i:02d}.{'png' if i % 2 else 'webp'}")
     assert len(list(iter_data_images(folder))) == 12
     args = parser.parse_args(["train-image", "--data", str(folder), "--out",
-                              str(tmp_path / "vq2"), *base])
+                              str(tmp_path / "vq2"), "--encoder", "patch", *base])
     assert args.func(args) == 0
     assert (tmp_path / "vq2" / "vqgan.safetensors").is_file()
+    assert load_image_tokenizer(tmp_path / "vq2").config.encoder == "patch"
     with pytest.raises(FileNotFoundError):
         list(iter_data_images(tmp_path / "missing.tar"))

@@ -407,3 +407,47 @@ def test_tokenizer_save_load_round_trip(tmp_path) -> None:
     assert len(reloaded.decode(codes[0].tolist())) == 1
     with pytest.raises(TypeError, match="list"):
         reloaded.encode(img)
+
+
+def test_patch_encoder_codes_depend_on_their_own_patch_only(tmp_path) -> None:
+    torch.manual_seed(0)
+    cfg = VQGANConfig.preset("tiny", encoder="patch")
+    model = VQGAN(cfg).eval()
+    f, g = cfg.downsample_factor, cfg.grid_size
+    base = torch.rand(1, 3, 32, 32) * 2 - 1
+    changed = base.clone()
+    changed[:, :, 8:12, 20:24] = torch.rand(1, 3, 4, 4) * 2 - 1  # patch (row 2, column 5)
+    with torch.no_grad():
+        a, b = model.encode_latents(base), model.encode_latents(changed)
+    differs = (a - b).abs().amax(dim=1)[0] > 0  # [g, g]
+    expected = torch.zeros(g, g, dtype=torch.bool)
+    expected[8 // f, 20 // f] = True
+    assert torch.equal(differs, expected)
+    # a plain image is one code everywhere; a patch-aligned shift moves the codes with it
+    plain = torch.full((1, 3, 32, 32), 0.3)
+    assert model.encode(plain).unique().numel() == 1
+    shifted = torch.roll(changed, shifts=(f, 2 * f), dims=(2, 3))
+    grid = model.encode(changed).view(g, g)
+    assert torch.equal(model.encode(shifted).view(g, g)[3, 7], grid[2, 5])
+    # the taming encoder is not local: the same edit moves latents far from the patch
+    taming = VQGAN(VQGANConfig.preset("tiny")).eval()
+    with torch.no_grad():
+        far = (taming.encode_latents(base) - taming.encode_latents(changed)).abs().amax(dim=1)[0]
+    assert far[7, 0] > 0
+    # saved and reloaded natively; refused by the official layouts
+    tokenizer = ImageTokenizer(model)
+    tokenizer.save(tmp_path / "tok")
+    reloaded = load_image_tokenizer(tmp_path / "tok")
+    assert reloaded.config.encoder == "patch"
+    assert torch.equal(reloaded.vqgan.encode(base), model.encode(base))
+
+
+def test_patch_encoder_is_refused_by_official_layouts() -> None:
+    from chameleon_lm.tokenizers.image import hf_vq_config, taming_yaml
+
+    cfg = VQGANConfig.preset("tiny", encoder="patch", norm_groups=32)
+    for export in (hf_vq_config, taming_yaml):
+        with pytest.raises(ValueError, match="taming encoders only"):
+            export(cfg)
+    with pytest.raises(ValueError, match="encoder must be one of"):
+        VQGANConfig.preset("tiny", encoder="vit")

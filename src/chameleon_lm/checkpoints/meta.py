@@ -327,6 +327,7 @@ def save_meta_model(
     if image_tokenizer is not None and not image_tokenizer.can_decode:
         raise ValueError("the image tokenizer has no decoder, and Meta's loader would silently keep a "
                          "random one: give the decoder (vqgan=Meta's vqgan.ckpt) or drop the tokenizer")
+    vq_yaml = taming_yaml(image_tokenizer.config) if image_tokenizer is not None else None  # checks first
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     mp = model_parallel_size or parallel_size(state, model.config)
     shards = split_shards(state, model.config, mp)
@@ -341,7 +342,7 @@ def save_meta_model(
         torch.save(shard, model_dir / ("consolidated.pth" if mp == 1 else f"consolidated.{i:02d}.pth"))
     text_tokenizer.save(tok_dir / "text_tokenizer.json")
     if image_tokenizer is not None:
-        (tok_dir / "vqgan.yaml").write_text(taming_yaml(image_tokenizer.config))
+        (tok_dir / "vqgan.yaml").write_text(vq_yaml)
         vq_state = {k: v.detach().cpu().contiguous() for k, v in image_tokenizer.vqgan.state_dict().items()}
         torch.save({"state_dict": vq_state}, tok_dir / "vqgan.ckpt")
     return model_dir

@@ -351,6 +351,11 @@ class ShapesWorld:
         holdout_fraction: Fraction of (colour, shape) pairs held out (at least ``MIN_HELDOUT``).
         sizes: The shape sizes images may show (a subset of ``SIZES``; all by default).
         backgrounds: The background colours images may show (a subset of ``BACKGROUNDS``).
+        jitter: Scale of the pose jitter (offset, size and rotation ranges); 0 draws nominal poses.
+        snap: When positive, shapes off the centre sit a whole number of ``snap`` pixels from it
+            (as far out as fits), so moving a shape between positions moves it by whole tokenizer
+            patches when ``snap`` is the patch side. The shift is stored in ``pose`` (``dx``/``dy``),
+            so a label still renders alone.
         heldout_pairs: The held-out (colour, shape) pairs, in vocabulary order.
     """
 
@@ -359,12 +364,18 @@ class ShapesWorld:
     holdout_fraction: float = 0.125
     sizes: tuple[str, ...] = tuple(SIZES)
     backgrounds: tuple[str, ...] = tuple(BACKGROUNDS)
+    jitter: float = 1.0
+    snap: int = 0
     heldout_pairs: tuple[tuple[str, str], ...] = field(init=False)
     _allowed: dict[str, tuple[tuple[str, str], ...]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.image_size < 16:
             raise ValueError(f"image_size must be at least 16, got {self.image_size}")
+        if not 0.0 <= self.jitter <= 1.0:
+            raise ValueError(f"jitter must be in [0, 1], got {self.jitter}")
+        if not 0 <= self.snap <= self.image_size // 4:
+            raise ValueError(f"snap must be in [0, image_size / 4], got {self.snap}")
         for name, vocab in (("sizes", SIZES), ("backgrounds", BACKGROUNDS)):
             chosen = getattr(self, name)
             if not chosen or any(v not in vocab for v in chosen):
@@ -396,19 +407,38 @@ class ShapesWorld:
             The label, with a jitter ``pose`` rounded so it survives a JSON round trip exactly.
         """
         colour, shape = rng.choice(self.allowed_pairs(split))
+        size, position = rng.choice(self.sizes), rng.choice(POSITIONS)
+        background = rng.choice(self.backgrounds)
+        j = self.jitter
+        base = self.nominal_pose(size, position)
+        dx = base["dx"] + rng.uniform(-MAX_OFFSET * j, MAX_OFFSET * j)
+        dy = base["dy"] + rng.uniform(-MAX_OFFSET * j, MAX_OFFSET * j)
+        scale = 1 + rng.uniform(-MAX_SCALE_JITTER * j, MAX_SCALE_JITTER * j)
+        rotation = rng.uniform(-MAX_ROTATION * j, MAX_ROTATION * j)
         return {
             "colour": colour,
             "shape": shape,
-            "size": rng.choice(self.sizes),
-            "position": rng.choice(POSITIONS),
-            "background": rng.choice(self.backgrounds),
-            "pose": {
-                "dx": round(rng.uniform(-MAX_OFFSET, MAX_OFFSET), 4),
-                "dy": round(rng.uniform(-MAX_OFFSET, MAX_OFFSET), 4),
-                "scale": round(1 + rng.uniform(-MAX_SCALE_JITTER, MAX_SCALE_JITTER), 4),
-                "rotation": round(rng.uniform(-MAX_ROTATION, MAX_ROTATION), 2),
-            },
+            "size": size,
+            "position": position,
+            "background": background,
+            "pose": {"dx": round(dx, 4), "dy": round(dy, 4), "scale": round(scale, 4),
+                     "rotation": round(rotation, 2)},
         }
+
+    def nominal_pose(self, size: str, position: str) -> dict[str, float]:
+        """The pose without jitter: ``NO_POSE`` plus this world's ``snap`` shift of the centre."""
+        if not self.snap or position == "centre":
+            return dict(NO_POSE)
+        # the farthest whole number of snap pixels from the centre that keeps the shape inside the
+        # image at this world's largest jitter
+        j = self.jitter
+        reach = 0.5 - SIZES[size] / 2 * (1 + MAX_SCALE_JITTER * j) - MAX_OFFSET * j
+        step = self.snap / self.image_size
+        snapped = math.floor(reach / step + 1e-9) * step
+        cx, cy = _centre(size, position)
+        shift_x = math.copysign(snapped, cx - 0.5) - (cx - 0.5) if cx != 0.5 else 0.0
+        shift_y = math.copysign(snapped, cy - 0.5) - (cy - 0.5) if cy != 0.5 else 0.0
+        return dict(NO_POSE, dx=shift_x, dy=shift_y)
 
     def render(self, label: Label) -> Image.Image:
         """The image of ``label`` at this world's size (see :func:`render`)."""
@@ -626,6 +656,8 @@ def write_dataset(
     holdout_fraction: float = 0.125,
     sizes: tuple[str, ...] | None = None,
     backgrounds: tuple[str, ...] | None = None,
+    jitter: float = 1.0,
+    snap: int = 0,
     n_train_pairs: int = 20000,
     n_test_pairs: int = 400,
     n_interleaved: int = 2000,
@@ -651,6 +683,8 @@ def write_dataset(
         holdout_fraction: Fraction of (colour, shape) pairs held out of training.
         sizes: Shape sizes to draw (a subset of ``SIZES``); ``None``: all of them.
         backgrounds: Backgrounds to draw (a subset of ``BACKGROUNDS``); ``None``: all of them.
+        jitter: Scale of the pose jitter (see :class:`ShapesWorld`).
+        snap: Position grid in pixels (see :class:`ShapesWorld`); 0: the nominal positions.
         n_train_pairs: Image-caption pairs in ``train``.
         n_test_pairs: Image-caption pairs in each of ``test_seen`` and ``test_unseen``.
         n_interleaved: Picture stories in ``train``.
@@ -676,7 +710,7 @@ def write_dataset(
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     world = ShapesWorld(seed=seed, image_size=image_size, holdout_fraction=holdout_fraction,
-                        **({} if sizes is None else {"sizes": tuple(sizes)}),
+                        jitter=jitter, snap=snap, **({} if sizes is None else {"sizes": tuple(sizes)}),
                         **({} if backgrounds is None else {"backgrounds": tuple(backgrounds)}))
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -710,6 +744,8 @@ def write_dataset(
         "seed": seed,
         "image_size": image_size,
         "holdout_fraction": holdout_fraction,
+        "jitter": jitter,
+        "snap": snap,
         "shard_size": shard_size,
         "vocab": {
             "colours": {name: list(rgb) for name, rgb in COLOURS.items()},
@@ -798,6 +834,11 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         help="shape sizes to draw (default: all)")
     parser.add_argument("--backgrounds", nargs="+", choices=list(BACKGROUNDS), default=None,
                         help="backgrounds to draw (default: all)")
+    parser.add_argument("--jitter", type=float, default=1.0,
+                        help="scale of the pose jitter, 0..1 (default 1)")
+    parser.add_argument("--snap", type=int, default=0,
+                        help="put off-centre shapes a whole number of SNAP px from the centre, e.g. "
+                             "the image tokenizer's patch side (default 0: nominal positions)")
     parser.add_argument("--train-pairs", type=int, default=20000, help="train image-caption pairs")
     parser.add_argument("--test-pairs", type=int, default=400,
                         help="pairs in each of test_seen and test_unseen")
@@ -817,7 +858,7 @@ def run_cli(args: argparse.Namespace) -> int:
     manifest = write_dataset(
         args.out, seed=args.seed, image_size=args.image_size,
         holdout_fraction=args.holdout_fraction, sizes=args.sizes, backgrounds=args.backgrounds,
-        n_train_pairs=args.train_pairs,
+        jitter=args.jitter, snap=args.snap, n_train_pairs=args.train_pairs,
         n_test_pairs=args.test_pairs, n_interleaved=args.interleaved,
         n_interleaved_test=args.interleaved_test, n_text=args.text_docs,
         shard_size=args.shard_size, overwrite=args.overwrite)

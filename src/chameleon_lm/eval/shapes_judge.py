@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from chameleon_lm.data.synth import BACKGROUNDS, COLOURS, NO_POSE, POSITIONS, SHAPES, SIZES, render
+from chameleon_lm.data.synth import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, ShapesWorld, render
 
 _TEMPLATE_BG = "grey"
 _ROTATIONS = (-6.0, 0.0, 6.0)
@@ -21,8 +21,15 @@ _SCALES = (0.95, 1.05)
 
 
 class ShapesJudge:
-    def __init__(self, image_size: int):
-        self.image_size = image_size
+    """Reads (colour, shape) of images of a world; ``ShapesJudge(32)`` is the default 32-px world.
+
+    Templates sit at the world's nominal poses (its ``snap`` grid), so pass the world the images
+    come from when it snaps positions.
+    """
+
+    def __init__(self, world: ShapesWorld | int):
+        world = ShapesWorld(image_size=world) if isinstance(world, int) else world
+        self.image_size = image_size = world.image_size
         bg = np.array(BACKGROUNDS[_TEMPLATE_BG], dtype=np.float32)
         span = np.abs(np.array(COLOURS["white"], dtype=np.float32) - bg).sum()
         maps, self.template_shapes = [], []
@@ -33,7 +40,8 @@ class ShapesJudge:
                         for scale in _SCALES:
                             label = {"colour": "white", "shape": shape, "size": size,
                                      "position": position, "background": _TEMPLATE_BG,
-                                     "pose": dict(NO_POSE, rotation=rotation, scale=scale)}
+                                     "pose": dict(world.nominal_pose(size, position),
+                                                  rotation=rotation, scale=scale)}
                             a = np.asarray(render(label, image_size), dtype=np.float32)
                             maps.append((np.abs(a - bg).sum(-1) / span).reshape(-1))
                             self.template_shapes.append(shape)

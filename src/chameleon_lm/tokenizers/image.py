@@ -270,7 +270,11 @@ def vq_config_from_hf(vq_config: Any, source: str | os.PathLike) -> VQGANConfig:
 
 
 def _check_portable(config: VQGANConfig, layout: str) -> None:
-    """Meta's and HF's VQGAN code fix 32 GroupNorm groups and β = 0.25; refuse what they cannot hold."""
+    """Meta's and HF's VQGAN code fix 32 GroupNorm groups, β = 0.25 and taming's encoder; refuse what
+    they cannot hold."""
+    if config.encoder != "taming":
+        raise ValueError(f"the {layout} layout holds taming encoders only; this VQGAN has a "
+                         f"{config.encoder!r} encoder (save it in the native layout instead)")
     if config.norm_groups != 32 or config.beta != 0.25:
         raise ValueError(f"the {layout} VQGAN has 32 GroupNorm groups and beta 0.25; this one has "
                          f"{config.norm_groups} and {config.beta}")

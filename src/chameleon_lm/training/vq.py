@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from chameleon_lm.tokenizers.image import ImageTokenizer
 from chameleon_lm.tokenizers.images import ImageSource, preprocess
-from chameleon_lm.tokenizers.vqgan import VQGAN, VQGANConfig
+from chameleon_lm.tokenizers.vqgan import ENCODERS, VQGAN, VQGANConfig
 from chameleon_lm.training.metrics import (
     code_histogram,
     codebook_perplexity,
@@ -798,6 +798,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--preset", choices=VQGANConfig.preset_names(), default=None,
                         help=f"VQGAN architecture preset (default {defaults.vq_preset} with the "
                              f"recommended overrides {defaults.vq_overrides})")
+    parser.add_argument("--encoder", choices=ENCODERS, default=None,
+                        help="taming (official) or patch (each code sees only its own patch: easier "
+                             "codes for a small model; native layout only)")
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--lr", type=float, default=defaults.lr)
@@ -822,6 +825,9 @@ def run_cli(args: argparse.Namespace) -> int:
                                    disc_start=args.disc_start)
     if args.preset is not None:  # the default overrides are for the default preset only
         changes.update(vq_preset=args.preset, vq_overrides={})
+    if args.encoder is not None:
+        changes["vq_overrides"] = {**changes.get("vq_overrides", VQTrainConfig().vq_overrides),
+                                   "encoder": args.encoder}
     config = VQTrainConfig().replace(**changes)
     resolution = config.vq_config().resolution
     images = images_to_pixels(itertools.islice(iter_data_images(args.data), args.max_images),
