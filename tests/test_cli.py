@@ -28,6 +28,30 @@ def test_quickstart_pipeline_end_to_end(tmp_path):
     assert (tmp_path / "gen" / "image_0.png").is_file()
 
 
+def test_quickstart_mixture_trains_image_to_caption_pairs_on_the_caption():
+    import torch
+
+    from chameleon_lm import DocumentCodec
+    from chameleon_lm.quickstart import QuickstartConfig, _training_documents
+    from chameleon_lm.tokenizers.text import train_text_tokenizer
+    from chameleon_lm.tokenizers.vocab import IMAGE, TEXT
+
+    captions = ["a red circle", "a large blue square on the left", "a green ring"] * 4
+    tok = train_text_tokenizer(captions, 300, codebook_size=16)
+    codec = DocumentCodec(tok, image_seq_len=4)
+    codes = torch.randint(0, 16, (len(captions), 4))
+    pairs = [(None, c, None) for c in captions]
+    for only in (True, False):
+        cfg = QuickstartConfig(caption_dropout=0.0, caption_loss_only=only)
+        docs = _training_documents(codec, pairs, codes, [], [], cfg)
+        t2i, i2t = docs[0], docs[1]
+        assert codec.decode(t2i.ids).parts[0].text == captions[0]
+        assert t2i.loss_mask[t2i.modality == IMAGE].all()  # caption -> image: the image is trained
+        first_text = int((i2t.modality == TEXT).nonzero()[0, 0])
+        assert i2t.loss_mask[first_text:].all()  # image -> caption: the caption and </s> are
+        assert i2t.loss_mask[:first_text].any() != only  # the image only without caption_loss_only
+
+
 def test_cli_train_text_then_train_and_resume(tmp_path, capsys):
     import json
 
