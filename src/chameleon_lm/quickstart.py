@@ -167,7 +167,7 @@ def run(out: Path, cfg: QuickstartConfig, log=print) -> dict:
     metrics, samples = evaluate(model, codec, tests, cfg)
     metrics = {"vq_psnr": vq_metrics["psnr"], "vq_ssim": vq_metrics["ssim"],
                "vq_codebook_usage": vq_metrics["codebook_usage"], **metrics}
-    story = _story(model, codec, world, cfg.seed, cfg)
+    story = _story(model, codec, world, cfg)
     stage("evaluation", t0)
 
     # 5. report ---------------------------------------------------------------------------------
@@ -259,10 +259,11 @@ def _loss_from_first_text(doc: EncodedDocument) -> EncodedDocument:
     return EncodedDocument(doc.ids, doc.modality, mask)
 
 
-def _story(model, codec: DocumentCodec, world: ShapesWorld, seed: int, cfg: QuickstartConfig) -> list:
+def _story(model, codec: DocumentCodec, world: ShapesWorld, cfg: QuickstartConfig) -> list:
     """One interleaved generation from the opening sentence of a held-out story."""
-    opening = next(s for s in world.interleaved("test_seen", 1, seed=seed)[0].segments if isinstance(s, str))
-    config = GenerationConfig(mode="interleaved", seed=seed, max_new_tokens=400,
+    opening = next(s for s in world.interleaved("test_seen", 1, seed=cfg.seed)[0].segments
+                   if isinstance(s, str))
+    config = GenerationConfig(mode="interleaved", seed=cfg.seed, max_new_tokens=400,
                               text=TextSampling(temperature=0.7, repetition_penalty=1.0),
                               image=ImageSampling(cfg_text=cfg.cfg_text, cfg_image=cfg.cfg_image))
     done = [e for e in stream(model, codec, Document.of(opening), config) if isinstance(e, Done)][0]

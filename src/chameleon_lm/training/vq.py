@@ -825,10 +825,11 @@ def run_cli(args: argparse.Namespace) -> int:
                                    disc_start=args.disc_start)
     if args.preset is not None:  # the default overrides are for the default preset only
         changes.update(vq_preset=args.preset, vq_overrides={})
+    defaults = VQTrainConfig()
     if args.encoder is not None:
-        changes["vq_overrides"] = {**changes.get("vq_overrides", VQTrainConfig().vq_overrides),
+        changes["vq_overrides"] = {**changes.get("vq_overrides", defaults.vq_overrides),
                                    "encoder": args.encoder}
-    config = VQTrainConfig().replace(**changes)
+    config = defaults.replace(**changes)
     resolution = config.vq_config().resolution
     images = images_to_pixels(itertools.islice(iter_data_images(args.data), args.max_images),
                               resolution, config.num_workers)
