@@ -51,14 +51,20 @@ class _FusedHeadLoss(torch.autograd.Function):
         for s in range(0, t_N.numel(), chunk_size):
             h, t = h_ND[s : s + chunk_size], t_N[s : s + chunk_size]
             logits = (h @ w_VD.t()).float()  # [n, V], fp32 for the softmax
-            lse = torch.logsumexp(logits, dim=-1)
             valid = t != IGNORE_INDEX
             safe_t = t.clamp(min=0)[:, None]
-            ce[s : s + chunk_size] = torch.where(valid, lse - logits.gather(1, safe_t)[:, 0], 0.0)
+            target = logits.gather(1, safe_t)[:, 0]
+            # logsumexp by hand, in place: torch.logsumexp allocates a second [n, V] temporary, and
+            # on CPU its page faults cost more than the head's matmul (profiled: 1.9 s of a 9.5 s step).
+            top = logits.amax(dim=-1)
+            exp = logits.sub_(top[:, None]).exp_()  # exp(logits − max), in place of the logits
+            sum_exp = exp.sum(dim=-1)
+            lse = top + sum_exp.log()
+            ce[s : s + chunk_size] = torch.where(valid, lse - target, 0.0)
             z[s : s + chunk_size] = torch.where(valid, lse.square(), 0.0)
             if need_h or need_w:
-                grad = logits.sub_(lse[:, None]).exp_()  # the softmax, in place of the logits
-                grad.mul_(torch.where(valid, 1 + 2 * z_weight * lse, 0.0)[:, None])
+                # softmax · (1 + 2·w_z·lse) − one-hot, still in place
+                grad = exp.mul_(torch.where(valid, (1 + 2 * z_weight * lse) / sum_exp, 0.0)[:, None])
                 grad.scatter_add_(1, safe_t, -valid.float()[:, None])
                 grad = grad.to(torch.promote_types(h.dtype, w_VD.dtype))  # bf16 under bf16 autocast
                 if need_h:
