@@ -4,22 +4,26 @@
 
 Step = forward + backward + AdamW on a batch of 4 × 512 tokens of the ``small`` preset (hidden 512,
 8 layers, vocab 65,536), in fp32 and under bf16 autocast. Both sides use the same weights
-(ours copied into HF's ChameleonForConditionalGeneration), the same batch and the same optimizer.
+(ours copied into HF's ChameleonForConditionalGeneration), the same batch and the same optimizer
+(``build_adamw``: fused AdamW). Ours runs eager and with its blocks compiled (``TrainConfig.compile``);
+HF runs eager. The three take turns step by step and each figure is a median.
 Appends the figures to bench/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 
 import torch
 import transformers
-from common import append_results, matmul_peak, timed
+from common import append_results, matmul_peak, timed_interleaved
 
 from chameleon_lm import Chameleon, ChameleonConfig
 from chameleon_lm.checkpoints.hf import native_to_hf
 from chameleon_lm.training.loss import lm_loss_sums
 from chameleon_lm.training.optim import build_adamw
+from chameleon_lm.training.trainer import compile_blocks
 
 
 def hf_twin(model: Chameleon) -> torch.nn.Module:
@@ -42,7 +46,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=512)
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=7, help="timed steps per side (median), taken in turns")
     ap.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
                     help="which rows to run (bf16 autocast is emulated, hence slow, without AMX/AVX512-BF16)")
     args = ap.parse_args()
@@ -54,9 +58,9 @@ def main() -> None:
     tokens = args.batch * args.seq
     flops_step = ours.config.flops_per_token(args.seq) * tokens
 
-    def our_step(opt, dtype):
+    def our_step(model, opt, dtype):
         with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
-            s = lm_loss_sums(ours.hidden_states(inputs), ours.output.weight, targets, z_loss_weight=1e-5)
+            s = lm_loss_sums(model.hidden_states(inputs), model.output.weight, targets, z_loss_weight=1e-5)
             loss = s.loss / s.n
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -69,22 +73,29 @@ def main() -> None:
         loss.backward()
         opt.step()
 
+    compiled = copy.deepcopy(ours)
+    compile_blocks(compiled)
     rows = []
     for name, dtype in (("fp32", None), ("bf16 autocast", torch.bfloat16)):
         if name.split()[0] not in args.precision:
             continue
-        ours.train()
-        hf.train()
-        o_opt = build_adamw(ours, 1e-4)
+        for m in (ours, compiled, hf):
+            m.train()
+        o_opt, c_opt = build_adamw(ours, 1e-4), build_adamw(compiled, 1e-4)
         h_opt = build_adamw(torch.nn.ModuleList(  # the decoder only: the VQ encoder takes no step
             [hf.model.embed_tokens, hf.model.layers, hf.model.norm, hf.lm_head]), 1e-4)
-        t_ours = timed(lambda: our_step(o_opt, dtype), warmup=1, repeat=args.steps)
-        t_hf = timed(lambda: hf_step(h_opt, dtype), warmup=1, repeat=args.steps)
+        t = timed_interleaved({
+            "hf": lambda: hf_step(h_opt, dtype),
+            "ours": lambda: our_step(ours, o_opt, dtype),
+            "compiled": lambda: our_step(compiled, c_opt, dtype),
+        }, warmup=2, repeat=args.steps)
         peak = matmul_peak(dtype or torch.float32)
-        rows.append(f"| {name} | {tokens / t_ours:,.0f} | {tokens / t_hf:,.0f} | **{t_hf / t_ours:.2f}×** | "
-                    f"{flops_step / t_ours / 1e9:,.1f} GFLOP/s = {flops_step / t_ours / peak:.0%} of "
-                    f"{peak / 1e9:,.0f} |")
-        print(rows[-1], flush=True)
+        for side in ("ours", "compiled"):
+            rows.append(f"| {name}{', blocks compiled' if side == 'compiled' else ''} | "
+                        f"{tokens / t[side]:,.0f} | {tokens / t['hf']:,.0f} | **{t['hf'] / t[side]:.2f}×** | "
+                        f"{flops_step / t[side] / 1e9:,.1f} GFLOP/s = {flops_step / t[side] / peak:.0%} of "
+                        f"{peak / 1e9:,.0f} |")
+            print(rows[-1], flush=True)
     append_results(
         f"Training step, `small` preset, batch {args.batch} × {args.seq}",
         "| precision | ours tok/s | HF tok/s | ours / HF | ours achieved (vs measured 2048² matmul peak) |\n"

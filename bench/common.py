@@ -55,6 +55,22 @@ def timed(fn, warmup: int = 1, repeat: int = 3) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def timed_interleaved(fns: dict[str, object], warmup: int = 1, repeat: int = 5) -> dict[str, float]:
+    """Median seconds of each ``fn()``, the functions taking turns (a, b, c, a, b, c, …).
+
+    On a shared (virtual) machine the speed drifts by ±10 % over minutes; taking turns lets every side
+    see the same drift, so the ratios hold even where the absolute times move.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            times[name].append(timed(fn, warmup=0, repeat=1))
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
 def matmul_peak(dtype: torch.dtype, n: int = 2048) -> float:
     """Measured FLOP/s of an n×n matmul in ``dtype``."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)

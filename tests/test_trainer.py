@@ -1,6 +1,7 @@
 """The training loop: learning, exact resume, checkpoints, token files."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -28,11 +29,11 @@ def setup():
     return tok, codec, TokenDocuments.from_encoded(docs)
 
 
-def make_trainer(tmp_path, setup, dropout=0.0):
+def make_trainer(tmp_path, setup, dropout=0.0, compile=False):
     tok, codec, data = setup
     cfg = TrainConfig(model="tiny", model_overrides={"vocab_size": len(tok), "dropout": dropout},
                       steps=40, batch_size=8, seq_len=64, lr=3e-3, warmup_steps=5,
-                      out_dir=str(tmp_path), log_every=100)
+                      out_dir=str(tmp_path), log_every=100, compile=compile)
     torch.manual_seed(0)
     return Trainer(cfg, Chameleon(cfg.model_config()), data, tok.vocab.pad_id, tok)
 
@@ -100,6 +101,20 @@ def test_checkpoint_is_a_loadable_model(tmp_path, setup):
     tr.model.eval()
     torch.testing.assert_close(loaded.model(ids), tr.model(ids))
     assert loaded.codec.vocab == setup[0].vocab
+
+
+@pytest.mark.skipif(not shutil.which("g++"), reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_blocks_follow_the_eager_curve_and_save_plain_names(tmp_path, setup):
+    eager = make_trainer(tmp_path / "a", setup)
+    ref = [h["loss"] for h in eager.fit(steps=4, progress=False, log=None)]
+    compiled = make_trainer(tmp_path / "b", setup, compile=True)
+    got = [h["loss"] for h in compiled.fit(steps=4, progress=False, log=None)]
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), rtol=1e-4, atol=1e-5)
+    assert compiled.model.state_dict().keys() == eager.model.state_dict().keys()
+    loaded = load_model(compiled.save_checkpoint())
+    ids = torch.randint(0, 100, (1, 9))
+    compiled.model.eval()
+    torch.testing.assert_close(loaded.model(ids), compiled.model(ids), rtol=1e-4, atol=1e-5)
 
 
 def test_config_validation():
