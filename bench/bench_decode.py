@@ -4,7 +4,9 @@
 
 ``small`` preset, fp32, greedy, 256 new tokens after a 16-token prompt, batch 1 and batch 8. Ours runs
 the generation engine's text path (``generate_text``: allow-list, no repetition penalty, argmax); HF runs
-``generate(do_sample=False, min_new_tokens=max_new_tokens=256)`` on the same weights. The batch-1
+``generate(do_sample=False, min_new_tokens=max_new_tokens=256)`` on the same weights. Ours runs with
+oneDNN-prepacked weights (``GenerationConfig.cpu_packed_weights``, the default) and, for reference,
+without; the three take turns and each figure is a median. The
 roofline is the weight bytes read per token divided by the measured copy bandwidth. The image-token
 rate uses the engine's restricted head (the 8192 image rows) against the full-vocabulary head, same
 batch, no guidance. Appends the figures to bench/RESULTS.md.
@@ -16,10 +18,11 @@ import argparse
 
 import torch
 from bench_train import hf_twin
-from common import append_results, copy_bandwidth, timed
+from common import append_results, copy_bandwidth, timed_interleaved
 
 from chameleon_lm import Chameleon, ChameleonConfig
 from chameleon_lm.generation.engine import generate_text
+from chameleon_lm.generation.packed import packed_linears
 from chameleon_lm.generation.sampling import GenerationConfig, TextSampling
 from chameleon_lm.tokenizers.text import special_tokens
 from chameleon_lm.tokenizers.vocab import Vocab
@@ -31,13 +34,13 @@ def official_vocab() -> Vocab:
     return Vocab.from_names(table)
 
 
-def decode_steps(model: Chameleon, batch: int, steps: int, head: torch.Tensor) -> None:
+def decode_steps(model: Chameleon, batch: int, steps: int, head) -> None:
     """``steps`` single-token decode steps with a given output head (greedy)."""
     cache = model.new_cache(batch, steps + 1)
     tok = torch.zeros(batch, 1, dtype=torch.long)
     for _ in range(steps):
         h = model.hidden_states(tok, cache)[:, -1]
-        tok = (h @ head.t()).argmax(-1, keepdim=True)
+        tok = head(h).argmax(-1, keepdim=True)
 
 
 @torch.inference_mode()
@@ -60,27 +63,39 @@ def main() -> None:
         # greedy decoding of random weights settles on a few tokens; ours stops at </s>, so check
         out = generate_text(ours, vocab, prompts.tolist(), config)
         assert all(len(r) == args.new for r in out), "a row sampled </s>: pick another seed"
-        t_ours = timed(lambda: generate_text(ours, vocab, prompts.tolist(), config), repeat=args.repeat)
-        t_hf = timed(lambda: hf.generate(input_ids=prompts, max_new_tokens=args.new, min_new_tokens=args.new,
-                                         do_sample=False, pad_token_id=1), repeat=args.repeat)
+        plain = config.replace(cpu_packed_weights=False)
+        t = timed_interleaved({
+            "ours": lambda: generate_text(ours, vocab, prompts.tolist(), config),
+            "plain": lambda: generate_text(ours, vocab, prompts.tolist(), plain),
+            "hf": lambda: hf.generate(input_ids=prompts, max_new_tokens=args.new, min_new_tokens=args.new,
+                                      do_sample=False, pad_token_id=1),
+        }, repeat=args.repeat)
+        t_ours, t_hf = t["ours"], t["hf"]
         ours_rate, hf_rate = batch * args.new / t_ours, batch * args.new / t_hf
         roofline = bandwidth / weight_bytes * batch
-        rows.append(f"| text, batch {batch} | {ours_rate:,.0f} | {hf_rate:,.0f} | **{ours_rate / hf_rate:.2f}×** | "
-                    f"{roofline:,.0f} ({ours_rate / roofline:.0%}) |")
+        rows.append(f"| text, batch {batch} | {ours_rate:,.0f} | {batch * args.new / t['plain']:,.0f} | "
+                    f"{hf_rate:,.0f} | **{ours_rate / hf_rate:.2f}×** | {roofline:,.0f} ({ours_rate / roofline:.0%}) |")
         print(rows[-1], flush=True)
     image_rows = []
-    for batch in (1, 8):
-        full = timed(lambda: decode_steps(ours, batch, args.new, ours.output.weight), repeat=args.repeat)
-        img = timed(lambda: decode_steps(ours, batch, args.new, ours.output.weight[4:8196]), repeat=args.repeat)
-        image_rows.append(f"| batch {batch} | {batch * args.new / full:,.0f} | {batch * args.new / img:,.0f} | "
-                          f"**{full / img:.2f}×** |")
-        print(image_rows[-1], flush=True)
+    with packed_linears(ours) as packs:
+        assert packs is not None, "oneDNN packing is not usable here"
+        full_head, image_head = packs.rows(ours.output, 0, 65536), packs.rows(ours.output, 4, 8196)
+        for batch in (1, 8):
+            t = timed_interleaved({
+                "full": lambda: decode_steps(ours, batch, args.new, full_head),
+                "image": lambda: decode_steps(ours, batch, args.new, image_head),
+            }, repeat=args.repeat)
+            full, img = t["full"], t["image"]
+            image_rows.append(f"| batch {batch} | {batch * args.new / full:,.0f} | {batch * args.new / img:,.0f} | "
+                              f"**{full / img:.2f}×** |")
+            print(image_rows[-1], flush=True)
     append_results(
         f"Decode, `small` preset, fp32, {args.new} new tokens",
         f"Copy bandwidth {bandwidth / 1e9:.1f} GB/s; weights read per token {weight_bytes / 1e6:.0f} MB.\n\n"
-        "| mode | ours tok/s | HF tok/s | ours / HF | roofline tok/s (ours' share) |\n| --- | --- | --- | --- | --- |\n"
+        "| mode | ours tok/s | ours, plain weights | HF tok/s | ours / HF | roofline tok/s (ours' share) |\n"
+        "| --- | --- | --- | --- | --- | --- |\n"
         + "\n".join(rows) + "\n\nImage-token decode (head restricted to the 8192 image rows) vs the full head:\n\n"
-        "| batch | full-head tok/s | image-head tok/s | speed-up |\n| --- | --- | --- | --- |\n"
+        "| batch | full-head tok/s | image-head tok/s (both packed) | speed-up |\n| --- | --- | --- | --- |\n"
         + "\n".join(image_rows) + "\n",
     )
 

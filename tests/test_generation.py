@@ -488,3 +488,34 @@ def test_cli_run_generate_writes_images_and_document(tmp_path, capsys):
     assert text in capsys.readouterr().out and record["config"]["text"]["top_k"] == 20
     assert isinstance(record["config"]["seed"], int)  # a random seed is recorded
     assert math.isclose(record["config"]["image"]["temperature"], 1.0)
+
+
+def test_packed_cpu_weights_match_eager_and_follow_weight_updates(codec):
+    from chameleon_lm.generation.packed import _PACKS, packed_linears
+
+    torch.manual_seed(3)
+    m = Chameleon(ChameleonConfig.preset("tiny", vocab_size=len(codec.text))).eval()
+    ids = torch.randint(0, len(codec.text), (3, 7))
+    keys = m.state_dict().keys()
+    with torch.inference_mode():
+        eager = m(ids)
+    with packed_linears(m) as packs, torch.inference_mode():
+        assert packs is not None and "forward" in m.output.__dict__
+        torch.testing.assert_close(m(ids), eager, rtol=1e-5, atol=1e-5)
+        head = packs.rows(m.output, 5, 20)
+        torch.testing.assert_close(head(torch.ones(2, m.config.dim)),
+                                   torch.ones(2, m.config.dim) @ m.output.weight[5:20].t())
+    assert not any("forward" in mod.__dict__ for mod in m.modules()) and m.state_dict().keys() == keys
+    with packed_linears(m):  # with gradients on, the layers run as plain nn.Linear (and train)
+        m(ids).sum().backward()
+    assert m.output.weight.grad is not None
+    first = _PACKS[m]
+    torch.optim.SGD(m.parameters(), lr=0.1).step()  # an in-place update invalidates the packs
+    with torch.inference_mode():
+        updated = m(ids)
+    assert not torch.allclose(updated, eager)
+    with packed_linears(m), torch.inference_mode():
+        torch.testing.assert_close(m(ids), updated, rtol=1e-5, atol=1e-5)
+    assert _PACKS[m] is not first
+    with packed_linears(m, enabled=False) as packs:
+        assert packs is None and "forward" not in m.output.__dict__

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from chameleon_lm.documents import Document, DocumentCodec, ImagePart
+from chameleon_lm.generation.packed import _Packs, packed_linears
 from chameleon_lm.generation.sampling import GenerationConfig, cfg_mix, sample, text_scores, warp
 from chameleon_lm.model import Chameleon, KVCache
 from chameleon_lm.tokenizers.text import TextTokenizer
@@ -82,8 +83,8 @@ def generate_text(
     Returns:
         Each row's new ids, up to and including its first ``</s>`` (absent if the row hit the limit).
     """
-    with _eval(model):
-        dec = _Decoder(model, vocab, config)
+    with _inference(model, config) as packs:
+        dec = _Decoder(model, vocab, config, packs)
         P = max((len(p) for p in prompts), default=0)
         steps = min(config.max_new_tokens, dec.max_seq_len - P)
         if steps < 1:
@@ -116,8 +117,8 @@ def generate_images(
     Returns:
         ``[B, N]`` long codes, on the model's device.
     """
-    with _eval(model):
-        dec = _Decoder(model, vocab, config)
+    with _inference(model, config) as packs:
+        dec = _Decoder(model, vocab, config, packs)
         contexts = [_open_image(p, vocab) for p in prompts]
         longest = max((len(c) for c in contexts), default=0)
         if longest + image_seq_len + 1 > dec.max_seq_len:
@@ -153,12 +154,13 @@ def stream(
 
 
 @contextmanager
-def _eval(model: Chameleon) -> Iterator[None]:
-    """Eval mode for the duration, then the model's previous mode."""
+def _inference(model: Chameleon, config: GenerationConfig) -> Iterator[_Packs | None]:
+    """Eval mode (then the model's previous mode) and, on CPU in fp32, prepacked linear weights."""
     was_training = model.training
     model.eval()
     try:
-        yield
+        with packed_linears(model, config.cpu_packed_weights) as packs:
+            yield packs
     finally:
         model.train(was_training)
 
@@ -179,7 +181,8 @@ def _left_pad(
 class _Decoder:
     """The model steps and samplers shared by all loops, with the run's masks and random generator."""
 
-    def __init__(self, model: Chameleon, vocab: Vocab, config: GenerationConfig):
+    def __init__(self, model: Chameleon, vocab: Vocab, config: GenerationConfig,
+                 packs: _Packs | None = None):
         V = model.config.vocab_size
         if V < vocab.size:
             raise ValueError(f"the model has {V} logits but the tokenizer {vocab.size} ids")
@@ -195,7 +198,9 @@ class _Decoder:
         keep = classes == IMAGE
         keep[[vocab.bos_id, vocab.boi_id, vocab.eoi_id]] = True
         self.image_context: list[bool] = keep.tolist()  # what the image-conditioned row keeps
-        self.image_head = model.output.weight[vocab.image_start : vocab.image_end]  # [K, D]
+        image_head = model.output.weight[vocab.image_start : vocab.image_end]  # [K, D]
+        self.image_logits = (packs.rows(model.output, vocab.image_start, vocab.image_end) if packs
+                             else lambda h: F.linear(h, image_head))
         self.generator = torch.Generator(device=self.device)
         if config.seed is None:
             self.generator.seed()
@@ -253,7 +258,7 @@ class _Decoder:
         for step in range(n):
             if step:
                 h3 = self.feed(guided, tok.repeat(3)[:, None])
-            logits = F.linear(h3, self.image_head).float()  # [3B, K]
+            logits = self.image_logits(h3).float()  # [3B, K]
             full, image, uncond = logits.split(B)
             mix = cfg_mix(full, image, uncond, cfg.cfg_text, cfg.cfg_image)  # [B, K]
             scores = mix if cfg.greedy else warp(mix, cfg.temperature, cfg.top_k, cfg.top_p)
@@ -292,8 +297,8 @@ def _stream(
     model: Chameleon, codec: DocumentCodec, ids: list[int], config: GenerationConfig
 ) -> Iterator[Event]:
     vocab, n, mode = codec.vocab, codec.image_seq_len, config.mode
-    with _eval(model):
-        dec = _Decoder(model, vocab, config)
+    with _inference(model, config) as packs:
+        dec = _Decoder(model, vocab, config, packs)
         if mode == "image":
             ids = _open_image(ids, vocab)
         opened = mode != "text" and ids[-1:] == [vocab.boi_id]

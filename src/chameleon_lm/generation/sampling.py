@@ -82,6 +82,10 @@ class GenerationConfig(Config):
     """Seed of the sampling generator; None = nondeterministic."""
     progress_every: int = 32
     """``stream`` reports image progress every this many codes (and at the last one)."""
+    cpu_packed_weights: bool = True
+    """On CPU in fp32, run the linear layers on oneDNN-prepacked copies of their weights
+    (``generation/packed.py``): 1.4–2.4× faster decoding on the ``small`` preset, for one extra copy of
+    the weights in memory (skipped when that would not fit in half the free memory)."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
