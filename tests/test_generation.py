@@ -510,10 +510,13 @@ def test_packed_cpu_weights_match_eager_and_follow_weight_updates(codec):
         m(ids).sum().backward()
     assert m.output.weight.grad is not None
     first = _PACKS[m]
-    torch.optim.SGD(m.parameters(), lr=0.1).step()  # an in-place update invalidates the packs
-    with torch.inference_mode():
-        updated = m(ids)
+    with packed_linears(m):  # an update inside the context: the stale packs are not used
+        torch.optim.SGD(m.parameters(), lr=0.1).step()
+        with torch.inference_mode():
+            updated = m(ids)
     assert not torch.allclose(updated, eager)
+    with torch.inference_mode():
+        torch.testing.assert_close(m(ids), updated)
     with packed_linears(m), torch.inference_mode():
         torch.testing.assert_close(m(ids), updated, rtol=1e-5, atol=1e-5)
     assert _PACKS[m] is not first

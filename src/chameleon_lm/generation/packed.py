@@ -39,9 +39,20 @@ def _pack(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), BATCH_HINT)
 
 
-def _packed_matmul(x: torch.Tensor, packed: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x @ weight.T`` with the packed copy where that is valid, else plain ``F.linear``."""
-    if torch.is_grad_enabled() or x.dtype != torch.float32 or x.device.type != "cpu":
+def _version(weight: torch.Tensor) -> int | None:
+    return None if weight.is_inference() else weight._version
+
+
+def _packed_matmul(
+    x: torch.Tensor, packed: torch.Tensor, weight: torch.Tensor, version: int | None
+) -> torch.Tensor:
+    """``x @ weight.T`` with the packed copy where that is valid, else plain ``F.linear``.
+
+    ``version`` is the weight's version counter when it was packed: a weight updated since (say, a
+    training step while a ``stream`` generator is suspended) makes this call fall back to ``F.linear``.
+    """
+    if (torch.is_grad_enabled() or x.dtype != torch.float32 or x.device.type != "cpu"
+            or _version(weight) != version):
         return F.linear(x, weight)
     y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, None, "none", [], "")
     return y.view(*x.shape[:-1], weight.shape[0])
@@ -61,7 +72,7 @@ class _Packs:
         ``load_state_dict`` bump the counter); None for inference tensors, which have no counter."""
         if any(m.weight.is_inference() for m in self.linears):
             return None
-        return tuple((m.weight.data_ptr(), m.weight._version, tuple(m.weight.shape)) for m in self.linears)
+        return tuple((m.weight.data_ptr(), _version(m.weight), tuple(m.weight.shape)) for m in self.linears)
 
     def valid_for(self, model: nn.Module) -> bool:
         now = [m for m in model.modules() if isinstance(m, nn.Linear) and m.bias is None]
@@ -73,8 +84,8 @@ class _Packs:
         key = (self.linears.index(linear), start, end)
         if key not in self.slices:
             self.slices[key] = _pack(linear.weight[start:end])
-        weight = linear.weight[start:end]
-        return lambda x: _packed_matmul(x, self.slices[key], weight)
+        weight, version = linear.weight, _version(linear.weight)
+        return lambda x: _packed_matmul(x, self.slices[key], weight[start:end], version)
 
 
 def usable(model: nn.Module) -> bool:
@@ -108,7 +119,8 @@ def packed_linears(model: nn.Module, enabled: bool = True) -> Iterator[_Packs | 
     if packs is None or not packs.valid_for(model):
         _PACKS[model] = packs = _Packs(model)
     for linear, packed in zip(packs.linears, packs.weights):
-        linear.forward = (lambda x, p=packed, w=linear.weight: _packed_matmul(x, p, w))
+        linear.forward = (lambda x, p=packed, w=linear.weight, v=_version(linear.weight):
+                          _packed_matmul(x, p, w, v))
     try:
         yield packs
     finally:
