@@ -58,46 +58,52 @@ def _packed_matmul(
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
-class _Packs:
-    """Packed copies of the model's linear weights, plus any row slices asked for (e.g. image head)."""
+def _linears(model: nn.Module) -> list[nn.Linear]:
+    """The layers this module packs: every bias-free ``nn.Linear`` (all of Chameleon's)."""
+    return [m for m in model.modules() if isinstance(m, nn.Linear) and m.bias is None]
 
-    def __init__(self, model: nn.Module):
-        self.linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m.bias is None]
-        self.key = self._key()
-        self.weights = [_pack(m.weight) for m in self.linears]
+
+class _Packs:
+    """Packed copies of the given linear weights, plus any row slices asked for (e.g. image head)."""
+
+    def __init__(self, linears: list[nn.Linear]):
+        self.linears = linears
+        self.key = self._key(linears)
+        self.weights = [_pack(m.weight) for m in linears]
         self.slices: dict[tuple[int, int, int], torch.Tensor] = {}
 
-    def _key(self) -> tuple | None:
-        """Storages and version counters of the weights (in-place updates such as an optimizer step or
-        ``load_state_dict`` bump the counter); None for inference tensors, which have no counter."""
-        if any(m.weight.is_inference() for m in self.linears):
-            return None
-        return tuple((m.weight.data_ptr(), _version(m.weight), tuple(m.weight.shape)) for m in self.linears)
+    @staticmethod
+    def _key(linears: list[nn.Linear]) -> tuple:
+        """The weights' storages and version counters (in-place updates such as an optimizer step or
+        ``load_state_dict`` bump the counter; inference tensors have none)."""
+        return tuple((m.weight.data_ptr(), _version(m.weight), tuple(m.weight.shape)) for m in linears)
 
-    def valid_for(self, model: nn.Module) -> bool:
-        now = [m for m in model.modules() if isinstance(m, nn.Linear) and m.bias is None]
-        return (self.key is not None and len(now) == len(self.linears)
-                and all(a is b for a, b in zip(now, self.linears)) and self._key() == self.key)
+    def valid_for(self, linears: list[nn.Linear]) -> bool:
+        """Same layers, same weights, none updated since packing (never, for inference tensors)."""
+        return (not any(m.weight.is_inference() for m in linears)
+                and len(linears) == len(self.linears)
+                and all(a is b for a, b in zip(linears, self.linears)) and self._key(linears) == self.key)
 
     def rows(self, linear: nn.Linear, start: int, end: int) -> Callable[[torch.Tensor], torch.Tensor]:
         """``x @ linear.weight[start:end].T`` on a packed copy of those rows (built on first use)."""
         key = (self.linears.index(linear), start, end)
         if key not in self.slices:
             self.slices[key] = _pack(linear.weight[start:end])
-        weight, version = linear.weight, _version(linear.weight)
-        return lambda x: _packed_matmul(x, self.slices[key], weight[start:end], version)
+        packed, weight = self.slices[key], linear.weight[start:end]  # a view shares the version counter
+        version = _version(weight)
+        return lambda x: _packed_matmul(x, packed, weight, version)
 
 
-def usable(model: nn.Module) -> bool:
-    """fp32 weights on CPU, oneDNN present, and room for a second copy of the linear weights."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linears or not torch.backends.mkldnn.is_available():
-        return False
-    if any(m.weight.device.type != "cpu" or m.weight.dtype != torch.float32 for m in linears):
-        return False
-    if not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
-        return False
-    size = sum(m.weight.numel() * 4 for m in linears)
+def _supported(linears: list[nn.Linear]) -> bool:
+    """fp32 weights on CPU and PyTorch's oneDNN reorder present."""
+    return (bool(linears) and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            and all(m.weight.device.type == "cpu" and m.weight.dtype == torch.float32 for m in linears))
+
+
+def _fits(linears: list[nn.Linear]) -> bool:
+    """Whether a packed copy of the weights fits in half the free memory."""
+    size = sum(m.weight.numel() * m.weight.element_size() for m in linears)
     try:
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
@@ -105,19 +111,32 @@ def usable(model: nn.Module) -> bool:
     return 2 * size <= free
 
 
+def _packs_for(model: nn.Module) -> _Packs | None:
+    """The model's packs: the cached ones while valid, else new ones (stale ones freed first)."""
+    linears = _linears(model)
+    if not _supported(linears):
+        return None
+    packs = _PACKS.get(model)
+    if packs is not None and packs.valid_for(linears):
+        return packs
+    _PACKS.pop(model, None)  # before measuring free memory: a stale copy is about to go
+    if not _fits(linears):
+        return None
+    _PACKS[model] = packs = _Packs(linears)
+    return packs
+
+
 @contextmanager
 def packed_linears(model: nn.Module, enabled: bool = True) -> Iterator[_Packs | None]:
     """Run the model's bias-free ``nn.Linear`` layers on packed weights for the duration.
 
-    Yields the packs (for :meth:`_Packs.rows`), or None when disabled or not :func:`usable` — the
-    model then runs exactly as without this context.
+    Yields the packs (for :meth:`_Packs.rows`), or None when disabled or not possible (not fp32 on CPU,
+    no oneDNN, no room for the copy) — the model then runs exactly as without this context.
     """
-    if not enabled or not usable(model):
+    packs = _packs_for(model) if enabled else None
+    if packs is None:
         yield None
         return
-    packs = _PACKS.get(model)
-    if packs is None or not packs.valid_for(model):
-        _PACKS[model] = packs = _Packs(model)
     for linear, packed in zip(packs.linears, packs.weights):
         linear.forward = (lambda x, p=packed, w=linear.weight, v=_version(linear.weight):
                           _packed_matmul(x, p, w, v))
