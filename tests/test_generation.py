@@ -109,6 +109,37 @@ def test_processors_match_transformers():
         torch.testing.assert_close(S.top_k(scores, k), hf.TopKLogitsWarper(k)(ids, scores))
 
 
+def _top_p_by_argsort(scores, p):
+    """Hugging Face's formulation (sort with indices, scatter back), the reference for ``top_p``."""
+    sorted_, order = torch.sort(scores, descending=False)
+    remove = sorted_.softmax(-1).cumsum(-1) <= 1 - p
+    remove[:, -1] = False
+    return scores.masked_fill(remove.scatter(1, order, remove), -INF)
+
+
+def test_top_p_threshold_matches_argsort_formulation():
+    g = torch.Generator().manual_seed(1)
+    peaked = torch.randn(4, 65536, generator=g) * 4  # a trained model's shape: few words hold the mass
+    flat = torch.randn(4, 65536, generator=g) * 0.02  # random weights: the nucleus is most of the vocabulary
+    masked = S.allow_only(peaked, torch.rand(65536, generator=g) > 0.5)
+    for scores in (peaked, flat, masked, peaked.double()):
+        for p in (1e-9, 0.05, 0.5, 0.9, 0.999):
+            assert torch.equal(S.top_p(scores, p), _top_p_by_argsort(scores, p)), p
+    ties = torch.tensor([[2.0, 1.0, 1.0, 1.0, 0.0]])  # p reaches into the tied words: all of them stay
+    assert torch.isinf(S.top_p(ties, 0.6)).tolist() == [[False, False, False, False, True]]
+
+
+def test_sample_draws_from_the_softmax_and_never_a_masked_word(monkeypatch):
+    probs = torch.tensor([0.5, 0.3, 0.2, 0.0])
+    draws = S.sample(probs.log().expand(40000, 4), torch.Generator().manual_seed(0), greedy=False)
+    freq = torch.bincount(draws, minlength=4) / draws.numel()
+    torch.testing.assert_close(freq, probs, atol=0.01, rtol=0)
+    assert freq[3] == 0
+    # u · total can round up to the total itself: the draw steps back to the last possible word
+    monkeypatch.setattr(S.torch, "rand", lambda *a, **k: torch.ones(a[:2], dtype=k.get("dtype")))
+    assert S.sample(probs.log()[None], None, greedy=False).tolist() == [2]
+
+
 def test_text_chain_order_and_sampling():
     cfg = TextSampling(temperature=0.5, top_p=0.9, top_k=3, repetition_penalty=1.3)
     scores = torch.randn(2, 20)

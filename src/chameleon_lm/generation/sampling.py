@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from chameleon_lm.utils.config import Config
@@ -127,8 +128,12 @@ def _anole() -> GenerationConfig:
 
 
 def allow_only(logits_BV: torch.Tensor, allowed_V: torch.Tensor) -> torch.Tensor:
-    """−inf everywhere ``allowed_V`` (bool ``[V]``) is False."""
-    return logits_BV.masked_fill(~allowed_V, float("-inf"))
+    """−inf everywhere ``allowed_V`` (bool ``[V]``) is False (finite logits assumed).
+
+    Adds a 0/−inf row rather than ``masked_fill``, whose broadcast CPU kernel is ~15× slower here.
+    """
+    bias_V = torch.zeros((), dtype=logits_BV.dtype, device=logits_BV.device).where(allowed_V, float("-inf"))
+    return logits_BV + bias_V
 
 
 def repetition_penalty(logits_BV: torch.Tensor, ids_BS: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -153,13 +158,25 @@ def top_k(logits_BV: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def top_p(logits_BV: torch.Tensor, p: float) -> torch.Tensor:
-    """Drop the least likely tokens whose cumulative probability is ≤ 1 − p (at least one is kept)."""
+    """Drop the least likely tokens whose cumulative probability is ≤ 1 − p (at least one is kept).
+
+    Hugging Face's rule on the same ascending cumulative sums, applied as a threshold on the values (no
+    argsort): tokens tied with the last one kept are all kept, where an unstable sort keeps some of them.
+    """
     if p >= 1.0:
         return logits_BV
-    sorted_BV, order_BV = torch.sort(logits_BV, descending=False)
-    remove = sorted_BV.softmax(-1).cumsum(-1) <= 1 - p
-    remove[:, -1] = False
-    return logits_BV.masked_fill(remove.scatter(1, order_BV, remove), float("-inf"))
+    sorted_BV = _sorted(logits_BV)
+    n_removed = (sorted_BV.softmax(-1).cumsum(-1) <= 1 - p).sum(-1, keepdim=True)  # a prefix
+    threshold = sorted_BV.gather(1, n_removed.clamp(max=logits_BV.shape[-1] - 1))  # lowest kept [B, 1]
+    return logits_BV.where(logits_BV >= threshold, float("-inf"))
+
+
+def _sorted(x_BV: torch.Tensor) -> torch.Tensor:
+    """Each row in ascending order (values only). On CPU numpy's SIMD sort is 7–17× ``torch.sort`` on a
+    65,536-word row, which also computes the permutation."""
+    if x_BV.device.type == "cpu" and x_BV.dtype in (torch.float32, torch.float64):
+        return torch.from_numpy(np.sort(x_BV.detach().numpy(), axis=-1))
+    return torch.sort(x_BV, dim=-1).values
 
 
 def warp(logits_BV: torch.Tensor, t: float, k: int, p: float) -> torch.Tensor:
@@ -184,7 +201,19 @@ def text_scores(
 
 
 def sample(scores_BV: torch.Tensor, generator: torch.Generator | None, greedy: bool) -> torch.Tensor:
-    """One index per row ``[B]``: the argmax, or a draw from ``softmax(scores)``."""
+    """One index per row ``[B]``: the argmax, or a draw from ``softmax(scores)``.
+
+    Draws by inverting the cumulative distribution with one uniform number per row: exact, and on CPU
+    ~10× faster than ``torch.multinomial``, which draws an exponential variate for every word.
+    """
     if greedy:
         return scores_BV.argmax(-1)
-    return torch.multinomial(scores_BV.softmax(-1), 1, generator=generator).squeeze(-1)
+    probs_BV = scores_BV.softmax(-1)
+    cdf_BV = probs_BV.cumsum(-1)
+    u_B1 = torch.rand(cdf_BV.shape[0], 1, generator=generator, device=cdf_BV.device, dtype=cdf_BV.dtype)
+    index_B = torch.searchsorted(cdf_BV, u_B1 * cdf_BV[:, -1:], right=True).squeeze(-1)  # cdf > target
+    V = scores_BV.shape[-1]
+    if bool((over := index_B >= V).any()):  # u·total rounded up to the total: the last possible word
+        last_B = V - 1 - (probs_BV > 0).flip(-1).to(torch.uint8).argmax(-1)
+        index_B = torch.where(over, last_B, index_B)
+    return index_B
