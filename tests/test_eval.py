@@ -24,6 +24,20 @@ def test_judge_on_other_sizes_and_blank_images():
     assert isinstance(colour, str) and isinstance(shape, str)
 
 
+def test_judge_reads_shapes_moved_or_resized_off_the_nominal_pose():
+    # generated images put the right shape a pixel or two off its nominal place, or larger/smaller
+    world = ShapesWorld(seed=0, image_size=32, sizes=("medium", "large"), jitter=0.3, snap=4)
+    judge = ShapesJudge(world)
+    labels = [lab for _, _, lab in world.pairs("test_seen", 60, seed=2)]
+    for dx, dy, scale in ((2, 0, 1.0), (-2, 1, 1.0), (0, 0, 1.18), (1, -2, 0.82)):
+        moved = []
+        for lab in labels:
+            pose = dict(world.nominal_pose(lab["size"], lab["position"]))
+            pose.update(dx=pose["dx"] + dx / 32, dy=pose["dy"] + dy / 32, scale=scale)
+            moved.append(world.render({**lab, "pose": pose}))
+        assert accuracy(judge.predict(moved), labels)["both"] >= 0.95, (dx, dy, scale)
+
+
 def test_accuracy_counts():
     labels = [{"colour": "red", "shape": "circle"}, {"colour": "blue", "shape": "ring"}]
     assert accuracy([("red", "circle"), ("blue", "square")], labels) == {
