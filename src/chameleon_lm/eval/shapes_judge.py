@@ -9,10 +9,10 @@ real renders; its accuracy on real and VQ-reconstructed test images is reported 
 gives.
 
 The pose tolerance is for generated images: a model that draws the right shape a pixel or two away
-from the caption's nominal place, or 10 % larger, still drew that shape. With templates at the exact
-nominal poses only, such images were matched to whichever other shape overlapped them best (a ring
-read as a diamond, a cross as a square): on one quickstart model 6 of its 20 "wrong shapes" were
-right shapes, moved.
+from the caption's nominal place, or 20 % larger or smaller, still drew that shape. With templates at
+the exact nominal poses only, such images were matched to whichever other shape overlapped them best
+(a ring read as a diamond, a small square as a triangle): on one quickstart model 10 of its 20 "wrong
+shapes" were right shapes, moved or smaller (checked by eye).
 """
 
 from __future__ import annotations
