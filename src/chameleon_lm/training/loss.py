@@ -70,7 +70,10 @@ class _FusedHeadLoss(torch.autograd.Function):
                 if need_h:
                     grad_h[s : s + chunk_size] = grad @ w_VD.to(grad.dtype)
                 if need_w:
-                    grad_w += grad.t() @ h.to(grad.dtype)
+                    if grad.dtype == grad_w.dtype and not torch.is_autocast_enabled(h.device.type):
+                        grad_w.addmm_(grad.t(), h.to(grad.dtype))  # no [V, D] temporary
+                    else:
+                        grad_w += grad.t() @ h.to(grad.dtype)  # a low-precision matmul under autocast
         ctx.save_for_backward(grad_h, grad_w)
         ctx.w_dtype = w_VD.dtype
         ctx.mark_non_differentiable(ce, z)
