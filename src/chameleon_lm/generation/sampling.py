@@ -208,12 +208,9 @@ def sample(scores_BV: torch.Tensor, generator: torch.Generator | None, greedy: b
     """
     if greedy:
         return scores_BV.argmax(-1)
-    probs_BV = scores_BV.softmax(-1)
-    cdf_BV = probs_BV.cumsum(-1)
+    cdf_BV = scores_BV.softmax(-1).cumsum(-1)
+    total_B1 = cdf_BV[:, -1:]
     u_B1 = torch.rand(cdf_BV.shape[0], 1, generator=generator, device=cdf_BV.device, dtype=cdf_BV.dtype)
-    index_B = torch.searchsorted(cdf_BV, u_B1 * cdf_BV[:, -1:], right=True).squeeze(-1)  # cdf > target
-    V = scores_BV.shape[-1]
-    if bool((over := index_B >= V).any()):  # u·total rounded up to the total: the last possible word
-        last_B = V - 1 - (probs_BV > 0).flip(-1).to(torch.uint8).argmax(-1)
-        index_B = torch.where(over, last_B, index_B)
-    return index_B
+    # u·total can round up to the total; below it, the first cdf > target is always a possible word
+    target_B1 = torch.minimum(u_B1 * total_B1, torch.nextafter(total_B1, torch.zeros_like(total_B1)))
+    return torch.searchsorted(cdf_BV, target_B1, right=True).squeeze(-1)
