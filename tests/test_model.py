@@ -158,3 +158,20 @@ def test_bf16_forward_close_to_fp32():
     out = low(ids)
     assert out.dtype == torch.float32
     assert (out - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_explicit_positions_and_one_document_match_the_default():
+    cfg = ChameleonConfig.preset("tiny")
+    model = Chameleon(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 9))
+    ref = model(ids)
+    torch.testing.assert_close(model(ids, positions=torch.arange(9).expand(2, 9)), ref)
+    one_doc = torch.zeros(2, 9, dtype=torch.int32)
+    torch.testing.assert_close(model(ids, doc_ids=one_doc), ref, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(model(ids, positions=torch.zeros(2, 9, dtype=torch.long)), ref)
+    # Two documents in a row: the second one is computed as if it stood alone.
+    two_docs = torch.tensor([[0] * 4 + [1] * 5] * 2, dtype=torch.int32)
+    positions = torch.tensor([list(range(4)) + list(range(5))] * 2)
+    packed = model(ids, positions=positions, doc_ids=two_docs)
+    torch.testing.assert_close(packed[:, 4:], model(ids[:, 4:]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed[:, :4], ref[:, :4], atol=1e-5, rtol=1e-5)

@@ -12,15 +12,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    from chameleon_lm.data import synth
+    from chameleon_lm.data import synth, tokenize
 
     data = sub.add_parser("data", help="datasets").add_subparsers(
         dest="data_command", required=True, metavar="DATA_COMMAND"
     )
     synth.add_cli(data)
+    tokenize.add_cli(data)
 
     from chameleon_lm import quickstart
     from chameleon_lm.checkpoints import convert
+    from chameleon_lm.eval import cli as eval_cli
     from chameleon_lm.generation import cli as generation_cli
     from chameleon_lm.training import cli as training_cli
     from chameleon_lm.training import vq
@@ -29,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     vq.add_cli(tokenizer)
     generation_cli.add_cli(sub)
     convert.add_cli(sub)
+    eval_cli.add_cli(sub)
     quickstart.add_cli(sub)
     return parser
 

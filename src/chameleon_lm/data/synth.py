@@ -30,18 +30,22 @@ is a blend of the shape colour and the background colour, and interior pixels ar
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import random
 import re
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw
+
+# png_bytes and read_pairs are imported from here too: they moved to the sources package
+from chameleon_lm.data.sources.base import png_bytes
+from chameleon_lm.data.sources.jsonl import read_obelics_jsonl, write_obelics_jsonl
+from chameleon_lm.data.sources.webdataset import read_pairs, write_webdataset
 
 RGB = tuple[int, int, int]
 Label = dict[str, Any]
@@ -293,13 +297,6 @@ def render(label: Label, image_size: int = 32) -> Image.Image:
         draw.polygon([(cx + radius * (x * cos - y * sin), cy + radius * (x * sin + y * cos))
                       for x, y in _polygon(shape)], fill=fill)
     return image.reduce(SUPERSAMPLE)
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    """PNG encoding with fixed options and no metadata: equal images give equal bytes."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=6, optimize=False)
-    return buffer.getvalue()
 
 
 # ------------------------------------------------------------------------------------------ world
@@ -597,57 +594,6 @@ _FORMATS = {
 }
 
 
-def _write_shards(directory: Path, split: str,
-                  samples: Iterator[tuple[Image.Image, str, Label]], shard_size: int) -> list[str]:
-    """Write samples into ``SPLIT-NNNNNN.tar`` shards with fixed tar metadata; relative paths."""
-    import webdataset as wds  # deferred: importing webdataset pulls in torch (seconds)
-
-    shards: list[str] = []
-    writer = None
-    for index, (image, text, label) in enumerate(samples):
-        if index % shard_size == 0:
-            if writer is not None:
-                writer.close()
-            name = f"{split}-{index // shard_size:06d}.tar"
-            shards.append(f"pairs/{name}")
-            writer = wds.TarWriter(str(directory / name), user="", group="", mtime=0,
-                                   encoder=False)
-        key = f"{index:09d}"
-        meta = {**label, "key": key, "caption": text, "width": image.width,
-                "height": image.height}
-        writer.write({"__key__": key, "png": png_bytes(image), "txt": text.encode(),
-                      "json": json.dumps(meta, sort_keys=True).encode()})
-    if writer is not None:
-        writer.close()
-    return shards
-
-
-def _write_interleaved(directory: Path, split: str,
-                       documents: Iterator[InterleavedDocument]) -> tuple[int, int]:
-    """Write ``SPLIT.jsonl`` and its images under ``images/SPLIT/``; (documents, images)."""
-    image_dir = directory / "images" / split
-    image_dir.mkdir(parents=True)
-    n_docs = n_images = 0
-    with open(directory / f"{split}.jsonl", "w", encoding="utf-8", newline="\n") as f:
-        for doc_index, doc in enumerate(documents):
-            texts: list[str | None] = []
-            images: list[str | None] = []
-            for position, segment in enumerate(doc.segments):
-                if isinstance(segment, str):
-                    texts.append(segment)
-                    images.append(None)
-                else:
-                    relative = f"images/{split}/{doc_index:06d}_{position}.png"
-                    (directory / relative).write_bytes(png_bytes(segment))
-                    texts.append(None)
-                    images.append(relative)
-                    n_images += 1
-            row = {"texts": texts, "images": images, "labels": doc.labels}
-            f.write(json.dumps(row, sort_keys=True) + "\n")
-            n_docs += 1
-    return n_docs, n_images
-
-
 def write_dataset(
     out_dir: str | Path,
     *,
@@ -727,12 +673,14 @@ def write_dataset(
         (out / sub).mkdir(parents=True)
 
     pair_counts = {"train": n_train_pairs, "test_seen": n_test_pairs, "test_unseen": n_test_pairs}
-    shards = {split: _write_shards(out / "pairs", split, world.iter_pairs(split, n), shard_size)
+    shards = {split: [f"pairs/{name}" for name in write_webdataset(
+                  out / "pairs", world.iter_pairs(split, n), prefix=split, shard_size=shard_size)]
               for split, n in pair_counts.items()}
     story_counts = {"train": n_interleaved, "test_seen": n_interleaved_test,
                     "test_unseen": n_interleaved_test}
-    stories = {split: _write_interleaved(out / "interleaved", split,
-                                         world.iter_interleaved(split, n))
+    stories = {split: write_obelics_jsonl(out / "interleaved" / f"{split}.jsonl",
+                                          ((doc.segments, {"labels": doc.labels})
+                                           for doc in world.iter_interleaved(split, n)))
                for split, n in story_counts.items()}
     with open(out / "text" / "train.jsonl", "w", encoding="utf-8", newline="\n") as f:
         for text in world.text_documents(n_text):
@@ -776,44 +724,17 @@ def write_dataset(
 # ----------------------------------------------------------------------------------------- readers
 
 
-def read_pairs(urls: str | Sequence[str]) -> Iterator[tuple[Image.Image, str, Label]]:
-    """Iterate (image, caption, json) samples of pair shards, in order, with ``webdataset``.
-
-    Args:
-        urls: A shard path, a brace pattern (``"pairs/train-{000000..000019}.tar"``) or a list
-            of shard paths (e.g. ``manifest["files"]["pairs"]["train"]`` joined to the folder).
-
-    Yields:
-        The RGB image, its caption and its JSON metadata (the label plus key, caption, size).
-    """
-    import webdataset as wds  # deferred: importing webdataset pulls in torch (seconds)
-
-    urls = urls if isinstance(urls, str) else [str(u) for u in urls]
-    dataset = wds.WebDataset(urls, shardshuffle=False).decode("pil")
-    yield from dataset.to_tuple("png", "txt", "json")
-
-
 def read_interleaved(jsonl_path: str | Path) -> Iterator[InterleavedDocument]:
-    """Iterate the documents of an interleaved JSONL file, loading images relative to its folder.
+    """Iterate the picture stories of an interleaved JSONL file, loading images relative to its folder.
 
     Args:
         jsonl_path: Path of e.g. ``interleaved/train.jsonl``.
 
     Yields:
-        Each document with its images loaded as RGB ``PIL`` images.
+        Each document with its images loaded as RGB ``PIL`` images and its labels.
     """
-    path = Path(jsonl_path)
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            row = json.loads(line)
-            segments: list[str | Image.Image] = []
-            for text, image in zip(row["texts"], row["images"]):
-                if image is None:
-                    segments.append(text)
-                else:
-                    with Image.open(path.parent / image) as loaded:
-                        segments.append(loaded.convert("RGB"))
-            yield InterleavedDocument(segments, row["labels"])
+    for segments, row in read_obelics_jsonl(jsonl_path):
+        yield InterleavedDocument(segments, row["labels"])
 
 
 # --------------------------------------------------------------------------------------------- CLI

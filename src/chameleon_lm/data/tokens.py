@@ -24,10 +24,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from chameleon_lm.data.packing import IGNORE_INDEX
 from chameleon_lm.documents import EncodedDocument
 from chameleon_lm.tokenizers.vocab import IMAGE
-
-IGNORE_INDEX = -100
 
 
 @dataclass

@@ -17,10 +17,16 @@ shapes" were right shapes, moved or smaller (checked by eye).
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import numpy as np
 from PIL import Image
 
-from chameleon_lm.data.synth import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, ShapesWorld, render
+from chameleon_lm.data.synth import (
+    BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, ShapesWorld, parse_caption, render,
+)
 
 _TEMPLATE_BG = "grey"
 _ROTATIONS = (-6.0, 0.0, 6.0)
@@ -96,3 +102,42 @@ def accuracy(predicted: list[tuple[str, str]], labels: list[dict]) -> dict[str, 
     shape = sum(p[1] == lab["shape"] for p, lab in zip(predicted, labels)) / n
     both = sum(tuple(p) == (lab["colour"], lab["shape"]) for p, lab in zip(predicted, labels)) / n
     return {"colour": colour, "shape": shape, "both": both}
+
+
+class ShapesPairJudge:
+    """The shapes judge as a :class:`chameleon_lm.eval.pairs.PairJudge`: colour and shape."""
+
+    attributes = ("colour", "shape")
+
+    def __init__(self, world: ShapesWorld | int):
+        self.judge = ShapesJudge(world)
+
+    @classmethod
+    def from_manifest(cls, path: str | os.PathLike) -> ShapesPairJudge:
+        """The judge of the world a ``chameleon data synth`` folder (or its manifest.json) holds."""
+        path = Path(path)
+        path = path / "manifest.json" if path.is_dir() else path
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no shapes-world manifest (written by `chameleon data synth`)")
+        m = json.loads(path.read_text())
+        if m.get("dataset") != "shapes-world":
+            raise ValueError(f"{path}: not a shapes-world manifest")
+        return cls(ShapesWorld(seed=m["seed"], image_size=m["image_size"],
+                               holdout_fraction=m["holdout_fraction"], sizes=tuple(m["vocab"]["sizes"]),
+                               backgrounds=tuple(m["vocab"]["backgrounds"]), jitter=m["jitter"],
+                               snap=m["snap"]))
+
+    def reference(self, caption: str, meta: dict) -> tuple:
+        if "colour" in meta and "shape" in meta:
+            return meta["colour"], meta["shape"]
+        parsed = parse_caption(caption)
+        if parsed is None:
+            raise ValueError(f"caption {caption!r} names no colour and shape, and the pair has no label")
+        return parsed["colour"], parsed["shape"]
+
+    def read_images(self, images: list[Image.Image]) -> list[tuple]:
+        return self.judge.predict(images)
+
+    def read_captions(self, captions: list[str]) -> list[tuple | None]:
+        parsed = [parse_caption(c) for c in captions]
+        return [(p["colour"], p["shape"]) if p else None for p in parsed]

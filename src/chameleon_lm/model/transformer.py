@@ -9,6 +9,8 @@ Conventions:
   interleaved checkpoints are permuted once at load time (an exact permutation), not at run time.
 - QK-norm parameters are stored per head, ``[n_heads, head_dim]``: one row per head covers the 7B case
   (all rows equal) and the 30B case (4 model-parallel groups) alike.
+- Packed rows (several documents in one row) pass ``doc_ids``: a token attends only to earlier tokens of
+  its own document, through FlexAttention on CUDA and a boolean SDPA mask elsewhere (``document_mask``).
 
 Shape legend: B batch, T new tokens, S keys (cache length), D model dim, H query heads, K key/value
 heads, E head dim, V vocabulary.
@@ -23,6 +25,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from chameleon_lm.model.config import ChameleonConfig
+
+try:
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+except ImportError:  # a torch without FlexAttention: packed rows use SDPA masks everywhere
+    BlockMask = create_block_mask = flex_attention = None
 
 
 class RMSNorm(nn.Module):
@@ -70,6 +77,46 @@ def apply_rope(x_BHTE: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return (x * cos + rotated * sin).to(x_BHTE.dtype)
+
+
+def sdpa_document_mask(doc_ids_BT: torch.Tensor) -> torch.Tensor:
+    """Boolean mask ``[B, 1, T, T]``: query t sees key s <= t of the same document id."""
+    T = doc_ids_BT.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids_BT.device).tril()
+    same_doc = doc_ids_BT[:, :, None] == doc_ids_BT[:, None, :]
+    return (same_doc & causal)[:, None]
+
+
+def flex_document_mask(doc_ids_BT: torch.Tensor) -> BlockMask:
+    """The mask of ``sdpa_document_mask`` as a FlexAttention ``BlockMask`` (blocks in which no query
+    sees a key are skipped, not computed)."""
+
+    def same_doc_causal(b, h, q, kv):
+        return (doc_ids_BT[b, q] == doc_ids_BT[b, kv]) & (kv <= q)
+
+    B, T = doc_ids_BT.shape
+    return create_block_mask(same_doc_causal, B, None, T, T, device=doc_ids_BT.device)
+
+
+def document_mask(doc_ids_BT: torch.Tensor) -> torch.Tensor | BlockMask:
+    """The block-diagonal causal mask of packed rows, in the form the device runs fastest."""
+    if flex_attention is not None and doc_ids_BT.is_cuda:
+        return flex_document_mask(doc_ids_BT)
+    return sdpa_document_mask(doc_ids_BT)
+
+
+_compiled_flex_attention = None
+
+
+def _flex_attention(q, k, v, block_mask: BlockMask, enable_gqa: bool) -> torch.Tensor:
+    """FlexAttention: on CUDA the fused kernel, compiled once on first use."""
+    global _compiled_flex_attention
+    if not q.is_cuda or torch.compiler.is_compiling():
+        # CPU: the unfused eager reference (forward only); in a compiled block dynamo fuses it there.
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+    if _compiled_flex_attention is None:
+        _compiled_flex_attention = torch.compile(flex_attention)
+    return _compiled_flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
 
 
 class KVCache:
@@ -183,7 +230,7 @@ class Attention(nn.Module):
         x_BTD: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor | None,
+        mask: torch.Tensor | BlockMask | None,
         cache: KVCache | None,
         layer: int,
     ) -> torch.Tensor:
@@ -195,10 +242,14 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # [B, K, S, E]
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and cache is None and T > 1,
-            enable_gqa=self.n_kv_heads != self.n_heads,
-        )  # [B, H, T, E]
+        gqa = self.n_kv_heads != self.n_heads
+        if BlockMask is not None and isinstance(mask, BlockMask):
+            out = _flex_attention(q, k, v, mask, gqa)  # [B, H, T, E]
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None and cache is None and T > 1,
+                enable_gqa=gqa,
+            )  # [B, H, T, E]
         return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -269,18 +320,46 @@ class Chameleon(nn.Module):
             device=w.device, dtype=w.dtype, pad=pad,
         )
 
-    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Final-normed hidden states ``[B, T, D]`` (the training loss applies the head in chunks)."""
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache | None = None,
+        *,
+        positions: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final-normed hidden states ``[B, T, D]`` (the training loss applies the head in chunks).
+
+        Args:
+            input_ids: ``[B, T]`` token ids.
+            cache: KV cache for incremental decoding, extended in place by these tokens.
+            positions: ``[B, T]`` integer RoPE positions; default: 0, 1, … from each row's first real
+                token (after the cache's tokens and left padding).
+            doc_ids: ``[B, T]`` integer document of each token of packed rows: a token attends only to
+                earlier tokens with the same id (pad slots: -1, attending among themselves). Default:
+                one causal sequence per row. Not allowed with a cache.
+        """
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
+        for name, t in (("positions", positions), ("doc_ids", doc_ids)):
+            if t is not None and (t.shape != (B, T) or t.is_floating_point()
+                                  or t.device != input_ids.device):
+                raise ValueError(f"{name} must be integers of shape {(B, T)} on input_ids' device, "
+                                 f"got {t.dtype} of shape {tuple(t.shape)} on {t.device}")
+        if doc_ids is not None and cache is not None:
+            raise ValueError("doc_ids (packed rows) cannot be used with a KV cache")
         start = 0 if cache is None else cache.length
         if cache is not None:
             if cache.batch_size != B:
                 raise ValueError(f"cache holds {cache.batch_size} rows, input has {B}")
             if start + T > cache.max_len:
                 raise ValueError(f"cache overflow: {start} + {T} tokens > max_len {cache.max_len}")
-        positions, mask = self._positions_and_mask(B, T, start, cache, input_ids.device)
+        default_positions, mask = self._positions_and_mask(B, T, start, cache, input_ids.device)
+        if positions is None:
+            positions = default_positions
+        if doc_ids is not None:
+            mask = document_mask(doc_ids)  # built once, shared by every layer
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
         h = self.tok_embeddings(input_ids)
         for layer in self.layers:
@@ -289,8 +368,17 @@ class Chameleon(nn.Module):
             cache.length += T
         return self.norm(h)
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        return self.output(self.hidden_states(input_ids, cache)).float()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache | None = None,
+        *,
+        positions: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits ``[B, T, V]`` (fp32); the arguments are those of ``hidden_states``."""
+        h = self.hidden_states(input_ids, cache, positions=positions, doc_ids=doc_ids)
+        return self.output(h).float()
 
     @staticmethod
     def _positions_and_mask(

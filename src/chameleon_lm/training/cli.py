@@ -4,53 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import tomllib
+import sys
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from chameleon_lm.data.sources import iter_texts, open_source
 from chameleon_lm.data.tokens import TokenDocuments
 from chameleon_lm.model import Chameleon
 from chameleon_lm.tokenizers.image import load_image_tokenizer
-from chameleon_lm.tokenizers.text import iter_jsonl_texts, load_text_tokenizer, train_text_tokenizer
+from chameleon_lm.tokenizers.text import load_text_tokenizer, train_text_tokenizer
 from chameleon_lm.training.trainer import Trainer, TrainConfig, latest_checkpoint
-
-
-def read_config_file(path: Path) -> dict[str, Any]:
-    """A TOML, YAML or JSON file as a dict."""
-    text = path.read_text()
-    try:
-        if path.suffix == ".toml":
-            data = tomllib.loads(text)
-        elif path.suffix in (".yaml", ".yml"):
-            data = yaml.safe_load(text)
-        elif path.suffix == ".json":
-            data = json.loads(text)
-        else:
-            raise ValueError(f"{path}: unknown config format (use .toml, .yaml or .json)")
-    except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: {e}") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: the config must be a mapping")
-    return data
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """``key=value`` or ``a.b=value`` (values parsed as YAML: ``steps=10``, ``betas=[0.9,0.99]``)."""
-    data = json.loads(json.dumps(data))  # deep copy
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"override {item!r} is not key=value")
-        *parents, leaf = key.split(".")
-        node = data
-        for p in parents:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"override {item!r}: {p} is not a mapping")
-        node[leaf] = yaml.safe_load(raw)
-    return data
+from chameleon_lm.utils.config import apply_overrides, read_config_file
 
 
 def load_train_config(spec: str, overrides: list[str]) -> TrainConfig:
@@ -93,12 +59,28 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_train_text(args: argparse.Namespace) -> int:
-    texts = iter_jsonl_texts(args.data, key=args.key)
-    tok = train_text_tokenizer(texts, args.vocab_size, codebook_size=args.codebook_size,
+    sources = [open_source(spec, text_field=args.key) for spec in args.data]  # bad paths fail here
+    skipped: Counter[str] = Counter()
+    count = 0
+
+    def texts() -> Iterator[str]:
+        nonlocal count
+        for source in sources:
+            for text in iter_texts(source, skipped):
+                count += 1
+                yield text
+
+    tok = train_text_tokenizer(texts(), args.vocab_size, codebook_size=args.codebook_size,
                                num_reserved=args.num_reserved, min_frequency=args.min_frequency,
                                show_progress=True)
+    reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items()))
+    if not count:
+        raise ValueError(f"no text in {' '.join(args.data)}"
+                         + (f" (skipped: {reasons})" if reasons else ""))
+    if skipped:
+        print(f"skipped {sum(skipped.values())} samples: {reasons}", file=sys.stderr)
     path = tok.save(args.out)
-    print(f"wrote {path}: {len(tok)} ids ({tok.vocab.codebook_size} image codes)")
+    print(f"wrote {path}: {len(tok)} ids from {count} texts ({tok.vocab.codebook_size} image codes)")
     return 0
 
 
@@ -113,9 +95,11 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse._SubParsersActio
 
     tok = subparsers.add_parser("tokenizer", help="train tokenizers").add_subparsers(
         dest="tokenizer_command", required=True, metavar="TOKENIZER_COMMAND")
-    t = tok.add_parser("train-text", help="train the byte-level BPE on JSONL text")
-    t.add_argument("--data", nargs="+", required=True, help="JSONL files with a text field")
-    t.add_argument("--key", default="text", help="the JSON field holding the text")
+    t = tok.add_parser("train-text", help="train the byte-level BPE on the text of data sources")
+    t.add_argument("--data", nargs="+", required=True,
+                   help="data sources: JSONL or parquet text, tar shards or files folders (captions), "
+                        "interleaved documents; files, folders, globs, brace patterns or URLs")
+    t.add_argument("--key", default="text", help="the field holding the text of JSONL/parquet text")
     t.add_argument("--out", required=True, help="output folder or .json path")
     t.add_argument("--vocab-size", type=int, default=65536)
     t.add_argument("--codebook-size", type=int, default=8192)
