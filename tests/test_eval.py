@@ -42,3 +42,43 @@ def test_accuracy_counts():
     labels = [{"colour": "red", "shape": "circle"}, {"colour": "blue", "shape": "ring"}]
     assert accuracy([("red", "circle"), ("blue", "square")], labels) == {
         "colour": 1.0, "shape": 0.5, "both": 0.5}
+
+
+def test_evaluate_pairs_scores_a_model_both_ways_and_the_cli_writes_metrics(tmp_path):
+    import json
+
+    import torch
+
+    from chameleon_lm import Chameleon, ChameleonConfig, VQGAN, VQGANConfig
+    from chameleon_lm.checkpoints import save_model
+    from chameleon_lm.cli import main
+    from chameleon_lm.data.sources import open_source
+    from chameleon_lm.data.synth import write_dataset
+    from chameleon_lm.documents import DocumentCodec
+    from chameleon_lm.eval.cli import pair_generation_config
+    from chameleon_lm.eval.pairs import evaluate_pairs, load_pairs, score
+    from chameleon_lm.eval.shapes_judge import ShapesPairJudge
+    from chameleon_lm.tokenizers.image import ImageTokenizer
+    from chameleon_lm.tokenizers.text import train_text_tokenizer
+
+    write_dataset(tmp_path / "data", n_train_pairs=8, n_test_pairs=3, n_interleaved=0, n_interleaved_test=0,
+                  n_text=0)
+    pairs = load_pairs(open_source(str(tmp_path / "data" / "pairs" / "test_seen-000000.tar")))
+    assert len(pairs) == 3 and pairs[0].meta["colour"] and pairs[0].image.size == (32, 32)
+    vq = ImageTokenizer(VQGAN(VQGANConfig.preset("tiny")))
+    tok = train_text_tokenizer([p.caption for p in pairs] * 20, 600, codebook_size=vq.codebook_size)
+    model = Chameleon(ChameleonConfig.preset("tiny", vocab_size=len(tok), n_layers=1))
+    judge = ShapesPairJudge.from_manifest(tmp_path / "data")
+    metrics, samples = evaluate_pairs(model, DocumentCodec(tok, vq), pairs, judge,
+                                      pair_generation_config(0, 1.5, 1.0, 0.7, 0.9, max_new_tokens=8))
+    assert metrics["n_pairs"] == 3 and metrics["judge_real"]["all"] == 1.0
+    assert set(metrics["text_to_image"]) == {"colour", "shape", "all"} and len(samples) == 3
+    assert samples[0]["generated_image"].size == (32, 32)
+    assert score([("red", "ring"), None], [("red", "ring"), ("blue", "ring")], ("colour", "shape")) == {
+        "colour": 0.5, "shape": 0.5, "all": 0.5}
+    save_model(tmp_path / "model", model, tok, vq)
+    assert main(["eval", "pairs", "--model", str(tmp_path / "model"), "--manifest", str(tmp_path / "data"),
+                 "--data", f"seen={tmp_path / 'data' / 'pairs' / 'test_seen-000000.tar'}",
+                 "--limit", "2", "--out", str(tmp_path / "eval.json")]) == 0
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["seen"]["n_pairs"] == 2 and result["seen"]["judge_real"]["all"] == 1.0

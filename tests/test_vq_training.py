@@ -1,29 +1,35 @@
-"""Image-tokenizer training: metrics, losses, dead-code restarts, discriminator, saving, CLI."""
+"""Image-tokenizer training: metrics, losses, dead-code restarts, discriminator, saving, streaming
+from data sources, checkpoints and exact resume, CLI."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import math
+from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 
+from chameleon_lm.data.sources import open_source
 from chameleon_lm.data.synth import ShapesWorld, write_dataset
 from chameleon_lm.tokenizers.image import load_image_tokenizer
 from chameleon_lm.tokenizers.images import to_tensor
 from chameleon_lm.tokenizers.vqgan import VQGAN, VQGANConfig
 from chameleon_lm.training import metrics
+from chameleon_lm.training.checkpoint import latest_checkpoint
 from chameleon_lm.training.vq import (
     LPIPS,
     METRICS_NAME,
     TRAIN_LOG_NAME,
     NLayerDiscriminator,
     VQTrainConfig,
+    _Decoder,
+    _plan_stream,
+    _StreamBatches,
     add_cli,
     vq_forward,
-    iter_data_images,
     load_lpips,
     restart_dead_codes,
     train_image_tokenizer,
@@ -39,6 +45,25 @@ def quiet(_: str) -> None:
 
 def read_log(out_dir) -> list[dict]:
     return [json.loads(line) for line in (out_dir / TRAIN_LOG_NAME).read_text().splitlines()]
+
+
+def tensorboard_scalars(log_dir, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+def image_folder(path, n: int, bad: set[int] = frozenset()):
+    """``n`` shapes-world PNGs ``000.png`` ...; the files numbered in ``bad`` hold no image."""
+    path.mkdir(parents=True)
+    for i, (img, _, _) in enumerate(ShapesWorld(seed=3, image_size=32).pairs("train", n)):
+        if i in bad:
+            (path / f"{i:03d}.png").write_bytes(b"\x89PNG but not really")
+        else:
+            img.save(path / f"{i:03d}.png")
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -231,6 +256,10 @@ def test_training_lowers_the_reconstruction_loss(trained):
     assert set(result) >= {"psnr", "ssim", "codebook_usage", "perplexity", "l1"}
     assert result["psnr"] > 12 and 0 < result["codebook_usage"] <= 1
     assert json.loads((out / METRICS_NAME).read_text()) == result
+    # The same numbers in TensorBoard; the end checkpoint is there too.
+    rec = tensorboard_scalars(out / "tensorboard", "vq_train/rec")
+    assert rec == [(r["step"], pytest.approx(r["rec"])) for r in records]
+    assert latest_checkpoint(out) == out / "checkpoints" / "step_0000040"
 
 
 def test_saved_tokenizer_loads_back_with_the_same_codes(trained, shapes_images):
@@ -281,30 +310,174 @@ def test_discriminator_starts_at_disc_start(shapes_images, tmp_path):
 # ------------------------------------------------------------------------------------------- CLI
 
 
-def test_cli_trains_from_shards_and_folders(tmp_path):
-    write_dataset(tmp_path / "data", n_train_pairs=64, n_test_pairs=8, n_interleaved=4,
-                  n_interleaved_test=2, n_text=4)
+def test_cli_trains_from_shards_and_folders_and_resumes(tmp_path):
+    write_dataset(tmp_path / "data", n_train_pairs=40, n_test_pairs=8, n_interleaved=4,
+                  n_interleaved_test=2, n_text=4, shard_size=16)
     parser = argparse.ArgumentParser()
     add_cli(parser.add_subparsers(dest="command"))
-    base = ["--preset", "tiny", "--steps", "3", "--batch-size", "4", "--no-progress"]
-    args = parser.parse_args(["train-image", "--data",
-                              str(tmp_path / "data/pairs/train-{000000..000000}.tar"),
-                              "--eval-data", str(tmp_path / "data/pairs/test_seen-000000.tar"),
-                              "--out", str(tmp_path / "vq"), "--max-images", "32", *base])
+    base = ["--preset", "tiny", "--batch-size", "4", "--no-progress"]
+    shards = ["--data", str(tmp_path / "data/pairs/train-{000000..000002}.tar"),
+              "--eval-data", str(tmp_path / "data/pairs/test_seen-000000.tar"),
+              "--out", str(tmp_path / "vq"), "--max-images", "32", "--shuffle-buffer", "8",
+              "--ckpt-every", "1", *base]
+    args = parser.parse_args(["train-image", *shards, "--steps", "2"])
     assert args.func(args) == 0
     metrics_file = json.loads((tmp_path / "vq" / METRICS_NAME).read_text())
-    assert metrics_file["train_images"] == 32 and metrics_file["steps"] == 3
+    assert metrics_file["train_images"] == 32 and metrics_file["steps"] == 2
+    assert metrics_file["skipped_images"] == 0
     assert load_image_tokenizer(tmp_path / "vq").num_tokens == 64
+    assert latest_checkpoint(tmp_path / "vq").name == "step_0000002"
+    # --resume with more steps continues that run.
+    args = parser.parse_args(["train-image", *shards, "--steps", "3", "--resume"])
+    assert args.func(args) == 0
+    assert json.loads((tmp_path / "vq" / METRICS_NAME).read_text())["steps"] == 3
+    assert [r["step"] for r in read_log(tmp_path / "vq")] == [2, 3]
+    assert latest_checkpoint(tmp_path / "vq").name == "step_0000003"
 
     folder = tmp_path / "folder"
     folder.mkdir()
     for i, (img, _, _) in enumerate(ShapesWorld(seed=1).pairs("train", 12)):
         img.save(folder / f"{i:02d}.{'png' if i % 2 else 'webp'}")
-    assert len(list(iter_data_images(folder))) == 12
     args = parser.parse_args(["train-image", "--data", str(folder), "--out",
-                              str(tmp_path / "vq2"), "--encoder", "patch", *base])
+                              str(tmp_path / "vq2"), "--encoder", "patch", "--steps", "2", *base])
     assert args.func(args) == 0
+    metrics_file = json.loads((tmp_path / "vq2" / METRICS_NAME).read_text())
+    assert metrics_file["train_images"] == 11  # one of the 12 held out for evaluation
     assert (tmp_path / "vq2" / "vqgan.safetensors").is_file()
     assert load_image_tokenizer(tmp_path / "vq2").config.encoder == "patch"
+    args = parser.parse_args(["train-image", "--data", str(tmp_path / "missing.tar"), "--out",
+                              str(tmp_path / "vq3"), *base])
     with pytest.raises(FileNotFoundError):
-        list(iter_data_images(tmp_path / "missing.tar"))
+        args.func(args)
+    assert not (tmp_path / "vq3").exists()
+    args = parser.parse_args(["train-image", "--data", str(folder), "--out",
+                              str(tmp_path / "vq3"), "--resume", *base])
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        args.func(args)
+
+
+# ------------------------------------------------------------------------------------ streaming
+
+
+def test_stream_order_epochs_bad_images_and_replay(tmp_path):
+    source = open_source(image_folder(tmp_path / "imgs", 10, bad={3}))
+    plan = _plan_stream(source, VQTrainConfig(vq_preset="tiny", eval_size=0), hold_out=False)
+    assert plan.train_images is None and plan.eval_items == []  # nothing was read ahead
+
+    def stream(lines=None):
+        decoder = _Decoder(32, 0, (lines if lines is not None else []).append)
+        return _StreamBatches(source, plan.spans, 3, 4, 0, decoder)
+
+    first = stream()
+    keys = [first._draw()[0].rsplit("/", 1)[1] for _ in range(30)]
+    epochs = [keys[i : i + 10] for i in range(0, 30, 10)]
+    assert all(sorted(e) == [f"{i:03d}" for i in range(10)] for e in epochs)  # each image once
+    assert len({tuple(e) for e in epochs}) == 3  # a new order every epoch
+    assert epochs[0] != sorted(epochs[0])  # shuffled
+    assert (first.epoch, first.drawn, first.epoch_size) == (2, 10, 10)
+    again = stream()
+    assert [again._draw()[0] for _ in range(5)] == [f"{source.units()[0]}/{k}"
+                                                     for k in keys[:5]]  # seeded
+
+    lines: list[str] = []
+    good = stream(lines).take(9)  # every usable image, bad one skipped
+    reference = [to_tensor(img) for img, _, _ in ShapesWorld(seed=3, image_size=32).pairs("train", 10)]
+    found = Counter(next(i for i, r in enumerate(reference) if torch.equal(r, g)) for g in good)
+    assert sorted(found) == [0, 1, 2, 4, 5, 6, 7, 8, 9] and set(found.values()) == {1}
+    assert len(lines) == 1 and "003" in lines[0] and "skipped bad image" in lines[0]
+
+    # A stream restored from a state continues with exactly the same images.
+    a = stream()
+    a.next(), a.next(), a.next(), a.next()  # 12+ draws: into the second epoch
+    b = stream()
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    assert b.state_dict() == a.state_dict() and b.decoder.skipped == a.decoder.skipped > 0
+    for _ in range(4):
+        assert torch.equal(a.next(), b.next())
+
+
+def test_stream_plan_holds_out_the_first_images(tmp_path):
+    source = open_source(image_folder(tmp_path / "imgs", 30))
+    unit = source.units()[0]
+    config = VQTrainConfig(vq_preset="tiny", eval_size=2, shuffle_buffer=0)
+    plan = _plan_stream(source, config, hold_out=True)  # reads 21 images ahead: 30 is >= 20
+    assert [k for k, _ in plan.eval_items] == [f"{unit}/000", f"{unit}/001"]
+    assert plan.spans == [(unit, 2, None)] and plan.train_images is None
+    whole = _plan_stream(source, config.replace(eval_size=4), hold_out=True)  # 30 < 40: all read
+    assert len(whole.eval_items) == 3 and whole.train_images == 27  # a tenth held out
+    capped = _plan_stream(source, config.replace(max_images=20), hold_out=True)
+    assert capped.spans == [(unit, 2, 20)] and capped.train_images == 18
+    epoch = [_StreamBatches(source, capped.spans, 2, 0, 0, _Decoder(32, 0, quiet))
+             for _ in range(1)][0]
+    keys = [epoch._draw()[0] for _ in range(18)]
+    assert keys == [f"{unit}/{i:03d}" for i in range(2, 20)]  # no shuffle buffer: unit order
+    few = _plan_stream(open_source(image_folder(tmp_path / "few", 6)), config, hold_out=True)
+    assert len(few.eval_items) == 2 and few.spans[0][1:] == (0, 6)  # under 10: evaluate on them
+
+
+def test_streamed_training_skips_bad_images(tmp_path):
+    folder = image_folder(tmp_path / "imgs", 12, bad={5})
+    lines: list[str] = []
+    config = VQTrainConfig(vq_preset="tiny", vq_overrides=SMALL, steps=4, batch_size=4,
+                           log_every=2, shuffle_buffer=4, eval_size=8)
+    _, result = train_image_tokenizer(folder, config, out_dir=tmp_path / "vq", progress=False,
+                                      log=lines.append)
+    records = read_log(tmp_path / "vq")
+    assert result["train_images"] == 11  # 12 less the one held out (the bad one counted in)
+    assert result["skipped_images"] >= 1 and records[-1]["skipped_images"] == result["skipped_images"]
+    assert records[-1]["epoch"] == 1  # 16 draws of 11: into the second epoch
+    assert any("skipped bad image" in line and "005" in line for line in lines)
+    assert math.isfinite(result["psnr"])
+    with pytest.raises(ValueError, match="none of its images is usable"):
+        train_image_tokenizer(image_folder(tmp_path / "bad", 3, bad={0, 1, 2}), config,
+                              eval_images=folder, progress=False, log=quiet)
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("streamed", [True, False], ids=["stream", "tensor"])
+def test_resume_takes_exactly_the_same_steps(tmp_path, streamed):
+    folder = image_folder(tmp_path / "imgs", 10, bad={4} if streamed else set())
+    images = folder if streamed else torch.stack(
+        [to_tensor(img) for img, _, _ in ShapesWorld(seed=3, image_size=32).pairs("train", 10)])
+    # The discriminator, the code-restart window (3) and the log window (3) all span the
+    # checkpoint of step 2.
+    config = VQTrainConfig(vq_preset="tiny", vq_overrides=SMALL, steps=4, batch_size=3,
+                           log_every=3, dead_code_every=3, dead_code_threshold=3, disc_start=1,
+                           shuffle_buffer=3, ckpt_every=2, eval_size=4)
+    full, full_metrics = train_image_tokenizer(images, config, out_dir=tmp_path / "full",
+                                               progress=False, log=quiet)
+
+    def kill_at_step_3(line: str) -> None:
+        if line.startswith("step 3/"):
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_image_tokenizer(images, config, out_dir=tmp_path / "part", progress=False,
+                              log=kill_at_step_3)
+    assert latest_checkpoint(tmp_path / "part").name == "step_0000002"
+    lines: list[str] = []
+    resumed, metrics = train_image_tokenizer(images, config, out_dir=tmp_path / "part",
+                                             progress=False, log=lines.append, resume=True)
+    assert any(line.startswith("resumed from") and "step 2" in line for line in lines)
+    assert [line.split(" |")[0] for line in lines if line.startswith("step ")] == [
+        "step 3/4", "step 4/4"]  # only the remaining steps ran
+    a, b = full.vqgan.state_dict(), resumed.vqgan.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    logs = [[{k: v for k, v in r.items() if k != "it_per_s"} for r in read_log(tmp_path / d)]
+            for d in ("full", "part")]
+    assert [r["step"] for r in logs[1]] == [3, 4] and logs[0] == logs[1]
+    assert "d_loss" in logs[1][0] and logs[1][0]["restarted"] > 0
+    assert {k: v for k, v in metrics.items() if k != "seconds"} == {
+        k: v for k, v in full_metrics.items() if k != "seconds"}
+
+    with pytest.raises(ValueError, match="batch_size"):
+        train_image_tokenizer(images, config.replace(batch_size=2), out_dir=tmp_path / "part",
+                              progress=False, log=quiet, resume=True)
+    other = image_folder(tmp_path / "other", 10) if streamed else images[:8]
+    with pytest.raises(ValueError, match="other data"):
+        train_image_tokenizer(other, config, out_dir=tmp_path / "part", progress=False,
+                              log=quiet, resume=True)
+    assert latest_checkpoint(tmp_path / "part").name == "step_0000004"  # refused: nothing changed

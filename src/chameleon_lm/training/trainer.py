@@ -6,14 +6,15 @@ The loop follows the paper's pre-training recipe by default: AdamW (β 0.9/0.95,
 checkpointing and compilation are applied to the model from outside; the seams are ``Trainer.model``
 (wrap it before training) and the per-step token count (the global normaliser).
 
-Checkpoints are model folders (``chameleon_lm.load_model`` reads them) plus ``trainer.pt`` (optimizer
-and RNG state) and ``trainer_state.json`` (step). Batches are a function of ``(seed, step)``, so a
-resumed run continues the same loss curve.
+Checkpoints are model folders (``chameleon_lm.load_model`` reads them) plus the training state of
+:mod:`chameleon_lm.training.checkpoint` (``trainer.pt``: optimizer, schedule and RNG state;
+``trainer_state.json``: step, config, data state). Batches are a function of ``(seed, step)``, so a
+resumed run continues the same loss curve. Metrics go to ``train_log.jsonl`` and TensorBoard
+(:class:`~chameleon_lm.training.logger.MetricsLogger`).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -31,6 +32,16 @@ from chameleon_lm.data.tokens import TokenDocuments
 from chameleon_lm.model import Chameleon, ChameleonConfig
 from chameleon_lm.tokenizers.image import ImageTokenizer
 from chameleon_lm.tokenizers.text import TextTokenizer
+from chameleon_lm.training.checkpoint import (
+    STATE_NAME,
+    TENSORS_NAME,
+    begin_checkpoint,
+    checkpoint_path,
+    latest_checkpoint,  # noqa: F401  (re-exported: its home before checkpoint.py)
+    load_training_state,
+    save_training_state,
+)
+from chameleon_lm.training.logger import MetricsLogger
 from chameleon_lm.training.loss import lm_loss_sums
 from chameleon_lm.training.optim import build_adamw
 from chameleon_lm.training.schedule import SCHEDULES
@@ -219,10 +230,12 @@ class Trainer:
         out = Path(cfg.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         bar = tqdm(total=end, initial=self.step, disable=not progress, desc="train", unit="step")
-        with open(out / "train_log.jsonl", "a") as log_file:
+        # Past step 0, lines of later steps are from a run that died after this checkpoint.
+        purge = self.step + 1 if self.step else None
+        with MetricsLogger(out, "train", purge_step=purge) as logger:
             while self.step < end:
                 m = self.train_step()
-                log_file.write(json.dumps(m) + "\n")
+                logger.log(self.step, m)
                 bar.update(1)
                 bar.set_postfix(loss=f"{m['ce']:.3f}", img=f"{m['ce_image']:.3f}",
                                 txt=f"{m['ce_text']:.3f}")
@@ -238,33 +251,34 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def checkpoint_dir(self, step: int | None = None) -> Path:
-        return Path(self.config.out_dir) / "checkpoints" / f"step_{self.step if step is None else step:07d}"
+        return checkpoint_path(self.config.out_dir, self.step if step is None else step)
+
+    def data_state(self) -> dict[str, Any]:
+        """JSON-able position of the data stream, saved in checkpoints (batches are a function of
+        ``(seed, step)`` today, so there is nothing to save)."""
+        return {}
+
+    def load_data_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`data_state` returned (nothing to restore today)."""
 
     def save_checkpoint(self, directory: str | os.PathLike | None = None) -> Path:
-        """A model folder (loadable by ``load_model`` when tokenizers are known) + optimizer state."""
-        directory = Path(directory) if directory is not None else self.checkpoint_dir()
-        directory.mkdir(parents=True, exist_ok=True)
+        """A model folder (loadable by ``load_model`` when tokenizers are known) + training state."""
+        directory = begin_checkpoint(directory if directory is not None else self.checkpoint_dir())
         save_model(directory, self.model, self.text_tokenizer, self.image_tokenizer)
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "rng": torch.get_rng_state()}, directory / "trainer.pt")
-        (directory / "trainer_state.json").write_text(json.dumps(
-            {"step": self.step, "config": self.config.to_dict()}, indent=2) + "\n")
-        return directory
+        return save_training_state(
+            directory, step=self.step, optimizers={"optimizer": self.optimizer},
+            schedulers={"scheduler": self.scheduler}, extra={"data": self.data_state()},
+            config=self.config.to_dict())
 
     def load_checkpoint(self, directory: str | os.PathLike) -> None:
-        """Restore weights, optimizer, schedule, RNG and step from :meth:`save_checkpoint`'s folder."""
+        """Restore weights, optimizer, schedule, RNG, data state and step from
+        :meth:`save_checkpoint`'s folder."""
         directory = Path(directory)
-        for name in ("model.safetensors", "trainer.pt", "trainer_state.json"):
+        for name in ("model.safetensors", TENSORS_NAME, STATE_NAME):  # before anything changes
             if not (directory / name).is_file():
-                raise FileNotFoundError(f"{directory / name}: missing (not a training checkpoint)")
+                raise FileNotFoundError(f"{directory / name}: missing (not a complete training "
+                                        "checkpoint)")
         self.model.load_state_dict(load_file(directory / "model.safetensors", device=str(self.device)))
-        state = torch.load(directory / "trainer.pt", map_location=self.device, weights_only=True)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"].cpu())
-        self.step = json.loads((directory / "trainer_state.json").read_text())["step"]
-
-
-def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
-    found = sorted((Path(out_dir) / "checkpoints").glob("step_*/trainer_state.json"))
-    return found[-1].parent if found else None
+        self.step, extra = load_training_state(directory, {"optimizer": self.optimizer},
+                                               {"scheduler": self.scheduler})
+        self.load_data_state(extra.get("data", {}))

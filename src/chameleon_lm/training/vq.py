@@ -20,31 +20,58 @@ ViT-VQGAN), which keeps the codebook in use without changing the quantizer.
 
 Nothing is downloaded: the perceptual term needs a local LPIPS file (:func:`load_lpips`); without
 one it is skipped with one logged note.
+
+Training images are a tensor held in memory, or a data source (``chameleon_lm.data.sources``: tar
+shards, folders of image files, parquet, JSONL) streamed epoch after epoch: decoded and preprocessed
+on the fly, shuffled through a seeded buffer, bad images skipped and counted. Checkpoints
+(``out_dir/checkpoints/step_NNNNNNN/``) hold the tokenizer files and the training state of
+:mod:`chameleon_lm.training.checkpoint`, and a resumed run takes exactly the steps the uninterrupted
+run would have taken.
 """
 
 from __future__ import annotations
 
 import argparse
-import glob
-import itertools
+import hashlib
 import json
 import os
+import random
 import re
+import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from chameleon_lm.tokenizers.image import ImageTokenizer
-from chameleon_lm.tokenizers.images import ImageSource, preprocess
+from chameleon_lm.data.sources import (
+    ImageRef,
+    Sample,
+    Source,
+    SourceConfig,
+    iter_images,
+    load_image,
+    open_source,
+)
+from chameleon_lm.tokenizers.image import WEIGHTS_NAME, ImageTokenizer
+from chameleon_lm.tokenizers.images import ImageError, ImageSource, preprocess
 from chameleon_lm.tokenizers.vqgan import ENCODERS, VQGAN, VQGANConfig
+from chameleon_lm.training.checkpoint import (
+    begin_checkpoint,
+    checkpoint_path,
+    latest_checkpoint,
+    load_training_state,
+    read_state,
+    save_training_state,
+)
+from chameleon_lm.training.logger import MetricsLogger
 from chameleon_lm.training.metrics import (
     code_histogram,
     codebook_perplexity,
@@ -55,10 +82,17 @@ from chameleon_lm.training.metrics import (
 from chameleon_lm.training.schedule import warmup_cosine
 from chameleon_lm.utils.config import Config
 
-TRAIN_LOG_NAME = "vq_train_log.jsonl"
+LOG_NAME = "vq_train"
+TRAIN_LOG_NAME = f"{LOG_NAME}_log.jsonl"
 METRICS_NAME = "vq_metrics.json"
 TRAIN_CONFIG_NAME = "vq_train.json"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+DISC_NAME = "discriminator.safetensors"
+MAX_SKIP_NOTES = 5
+"""Bad images named in the log; later ones are only counted."""
+Images = Union[torch.Tensor, Iterable[ImageSource], str, os.PathLike, SourceConfig, Source]
+"""What :func:`train_image_tokenizer` trains and evaluates on: pixels, images, or a data source."""
+RESUMABLE_CHANGES = ("steps", "log_every", "eval_every", "ckpt_every", "num_workers", "device")
+"""Config fields a resumed run may change; any other change is refused."""
 
 
 @dataclass
@@ -121,15 +155,25 @@ class VQTrainConfig(Config):
     """A code chosen fewer times than this in the last ``dead_code_every`` steps is dead."""
     eval_size: int = 256
     """Images held out of ``images`` for evaluation when no ``eval_images`` are given (at most a
-    tenth of them)."""
+    tenth of them; of a streamed source, its first ones), and the most images evaluated of a
+    streamed ``eval_images`` source."""
+    max_images: int = 0
+    """Train on at most this many images of a streamed source, its first ones in order (0: all)."""
+    shuffle_buffer: int = 1000
+    """Images (still encoded) in the shuffle buffer of a streamed source; 0 or 1: the images of a
+    unit in order (the units are shuffled every epoch either way)."""
     seed: int = 0
     """Seed of the initialisation, the batch order and the code restarts."""
     log_every: int = 50
     """Log training statistics every this many steps."""
     eval_every: int = 0
     """Evaluate every this many steps as well as at the end (0: only at the end)."""
+    ckpt_every: int = 0
+    """Save a checkpoint every this many steps as well as at the end (0: only at the end); only
+    with an ``out_dir``."""
     num_workers: int = 0
-    """Threads that preprocess images given as files or PIL images (0: the calling thread)."""
+    """Threads that decode and preprocess images given as files, PIL images or a source (0: the
+    calling thread)."""
     device: str = "cpu"
     """Torch device to train on."""
     bf16: bool = False
@@ -143,7 +187,7 @@ class VQTrainConfig(Config):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("warmup_steps", "dead_code_every", "dead_code_threshold", "eval_every",
-                     "num_workers", "eval_size"):
+                     "num_workers", "eval_size", "max_images", "shuffle_buffer", "ckpt_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0:
@@ -400,35 +444,288 @@ def images_to_pixels(
     return pixels
 
 
-def iter_data_images(data: str | os.PathLike) -> Iterator[ImageSource]:
-    """The images of a folder (sorted ``*.png/jpg/jpeg/webp`` paths) or of WebDataset tar shards.
+def _is_stream(images: Images) -> bool:
+    """Whether :func:`train_image_tokenizer` streams ``images``: a source spec, config or source."""
+    return isinstance(images, (str, os.PathLike, SourceConfig)) or (
+        hasattr(images, "units") and hasattr(images, "read"))
 
-    Args:
-        data: A folder, a ``.tar`` shard, or a brace pattern such as
-            ``DIR/pairs/train-{000000..000003}.tar``. Of each tar sample the first member with an
-            image extension is used.
+
+def _open(images: str | os.PathLike | SourceConfig | Source) -> Source:
+    if isinstance(images, os.PathLike):
+        images = os.fspath(images)
+    return open_source(images) if isinstance(images, (str, SourceConfig)) else images
+
+
+def _unit_images(source: Source, unit: str) -> Iterator[tuple[str, ImageRef]]:
+    """``(key, image)`` of every image segment of one unit, in order (skipped samples left out)."""
+    for item in source.read(unit):
+        if isinstance(item, Sample):
+            refs = [s for s in item.segments if isinstance(s, ImageRef)]
+            for i, ref in enumerate(refs):
+                yield (item.key if len(refs) == 1 else f"{item.key}#{i}"), ref
+
+
+def _decode(ref: ImageRef, resolution: int, allow_remote: bool) -> torch.Tensor | ImageError:
+    """Pixels ``[3, R, R]`` of one image (``"crop"``), or the error that makes it unusable."""
+    try:
+        return preprocess(load_image(ref, allow_remote=allow_remote), resolution, "crop")
+    except ImageError as e:
+        return e
+
+
+class _Decoder:
+    """Decodes images in order, on ``workers`` threads (0: the calling thread); skips bad ones."""
+
+    def __init__(self, resolution: int, workers: int, log: Callable[[str], None]) -> None:
+        self.resolution, self.log = resolution, log
+        self.pool = ThreadPoolExecutor(workers) if workers > 0 else None
+        self.skipped = 0
+
+    def __call__(self, items: list[tuple[str, ImageRef]],
+                 allow_remote: bool = False) -> list[torch.Tensor]:
+        """The pixels of the usable images of ``(key, image)`` items, in order."""
+        def one(ref: ImageRef) -> torch.Tensor | ImageError:
+            return _decode(ref, self.resolution, allow_remote)
+
+        refs = [ref for _, ref in items]
+        results = list(self.pool.map(one, refs) if self.pool else map(one, refs))
+        good = []
+        for (key, _), result in zip(items, results):
+            if isinstance(result, ImageError):
+                self.skipped += 1
+                if self.skipped <= MAX_SKIP_NOTES:
+                    more = " (further bad images are only counted)" if (
+                        self.skipped == MAX_SKIP_NOTES) else ""
+                    self.log(f"skipped bad image {key}: {result}{more}")
+            else:
+                good.append(result)
+        return good
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
+def _shuffle_buffer(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
+    """WebDataset-style shuffling: each item swaps with a random one of ``size`` held back."""
+    if size <= 1:
+        yield from items
+        return
+    buffer: list[Any] = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        j = rng.randrange(size)
+        yield buffer[j]
+        buffer[j] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+@dataclass
+class _StreamPlan:
+    """How a source splits into evaluation images and training images (see :func:`_plan_stream`)."""
+
+    spans: list[tuple[str, int, int | None]]
+    """``(unit, first, end)``: the training images of a unit are its images ``first`` to ``end``
+    (``None``: its last one)."""
+    eval_items: list[tuple[str, ImageRef]]
+    """The evaluation images (held out, or with under 10 images, the first training images)."""
+    train_images: int | None
+    """Training images per epoch, when the look-ahead saw all of them."""
+
+
+def _plan_stream(source: Source, config: VQTrainConfig, hold_out: bool) -> _StreamPlan:
+    """Split a source into held-out and training images, reading ahead only a bounded number.
+
+    The first ``min(eval_size, M // 10)`` images (source order) are held out when ``hold_out``, and
+    only the first ``max_images`` are used. Deciding both needs at most ``max(10 * eval_size,
+    max_images) + 1`` images read ahead, still encoded.
 
     Raises:
-        FileNotFoundError: ``data`` is neither a folder nor existing shards.
+        ValueError: The source has no images.
     """
-    path = Path(data)
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise FileNotFoundError(f"{path}: no {'/'.join(IMAGE_SUFFIXES)} files in this folder")
-        yield from files
-        return
-    data = str(data)
-    if "{" not in data and not path.is_file():
-        raise FileNotFoundError(f"{data}: neither a folder of images nor a tar shard")
-    if "{" in data and not glob.glob(data.split("{")[0] + "*"):
-        raise FileNotFoundError(f"{data}: no shards match this pattern")
-    import webdataset as wds  # deferred: only the CLI reads shards
+    units = source.units()
+    cap = config.max_images or None
+    ahead = max(10 * config.eval_size if hold_out else 0, cap or 0)
+    counts: list[int] = []  # images of the units read ahead (the last may be read in part)
+    first: list[tuple[str, ImageRef]] = []
+    seen, complete = 0, True
+    if ahead:
+        for unit in units:
+            counts.append(0)
+            for item in _unit_images(source, unit):
+                if seen > ahead:
+                    break
+                if len(first) < config.eval_size:
+                    first.append(item)
+                counts[-1] += 1
+                seen += 1
+            if seen > ahead:
+                complete = False
+                break
+    total = seen if ahead and complete else None
+    known = [x for x in (cap, total) if x is not None]
+    limit = min(known) if known else None  # images used in all, when bounded
+    n_eval = min(config.eval_size, (limit if limit is not None else ahead) // 10) if hold_out else 0
+    if limit == 0 or (ahead and not seen):
+        raise ValueError(f"{source.config.path}: the source has no images")
 
-    for sample in wds.WebDataset(data, shardshuffle=False):
-        key = next((k for k in sample if "." + k.lower() in IMAGE_SUFFIXES), None)
-        if key is not None:
-            yield bytes(sample[key])
+    spans: list[tuple[str, int, int | None]] = []
+    start = 0
+    for i, unit in enumerate(units):
+        if i < len(counts):
+            lo, hi = max(n_eval - start, 0), None if limit is None else limit - start
+            if lo < counts[i] and (hi is None or lo < hi):
+                spans.append((unit, lo, hi))
+            start += counts[i]
+        elif limit is None:
+            spans.append((unit, 0, None))
+    eval_items = first[:n_eval] if n_eval else first[: min(config.eval_size, limit or seen)]
+    return _StreamPlan(spans, eval_items, None if limit is None else limit - n_eval)
+
+
+class _StreamBatches:
+    """Endless shuffled batches of a source's images, decoded on the fly and resumable exactly.
+
+    Epoch ``e`` visits the units of the plan in an order drawn from ``(seed, e)`` and passes their
+    images, still encoded, through a shuffle buffer drawn from the same generator, so the stream is
+    a function of the seed and its position is ``(epoch, images drawn in the epoch)``. Resuming
+    replays the epoch's draws up to that position: it re-reads those images but decodes none.
+    """
+
+    def __init__(self, source: Source, spans: list[tuple[str, int, int | None]], batch_size: int,
+                 shuffle_buffer: int, seed: int, decoder: _Decoder) -> None:
+        self.source, self.spans, self.decoder = source, spans, decoder
+        self.batch_size, self.buffer, self.seed = batch_size, shuffle_buffer, seed
+        self.epoch = self.drawn = self.good = 0
+        self.epoch_size: int | None = None  # images per epoch, bad ones included, once known
+        self._items: Iterator[tuple[str, ImageRef]] | None = None
+        units = "\n".join(f"{u}:{lo}:{hi}" for u, lo, hi in self.spans)
+        self.fingerprint = hashlib.sha256(units.encode()).hexdigest()[:16]
+
+    def _epoch_items(self, epoch: int) -> Iterator[tuple[str, ImageRef]]:
+        rng = random.Random(f"{self.seed}/{epoch}")
+        spans = list(self.spans)
+        rng.shuffle(spans)
+
+        def items() -> Iterator[tuple[str, ImageRef]]:
+            for unit, lo, hi in spans:
+                for i, item in enumerate(_unit_images(self.source, unit)):
+                    if hi is not None and i >= hi:
+                        break
+                    if i >= lo:
+                        yield item
+
+        return _shuffle_buffer(items(), self.buffer, rng)
+
+    def _draw(self) -> tuple[str, ImageRef]:
+        if self._items is None:
+            self._items = self._epoch_items(self.epoch)
+            # Resuming costs re-reading (never decoding) the images this epoch had drawn.
+            for n in range(self.drawn):
+                if next(self._items, None) is None:
+                    raise ValueError(f"{self.source.config.path}: holds fewer images than when "
+                                     f"the checkpoint was saved (epoch {self.epoch}: {n} of "
+                                     f"{self.drawn})")
+        item = next(self._items, None)
+        if item is None:
+            if self.drawn == 0:
+                raise ValueError(f"{self.source.config.path}: no training images")
+            self.epoch_size = self.epoch_size or self.drawn
+            self.epoch, self.drawn = self.epoch + 1, 0
+            self._items = self._epoch_items(self.epoch)
+            item = next(self._items)
+        self.drawn += 1
+        return item
+
+    def take(self, n: int) -> list[torch.Tensor]:
+        """The next ``n`` good images, ``[3, R, R]`` each."""
+        images: list[torch.Tensor] = []
+        while len(images) < n:
+            good = self.decoder([self._draw() for _ in range(n - len(images))],
+                                self.source.config.allow_remote)
+            self.good += len(good)
+            images += good
+            if self.good == 0 and self.epoch > 0:
+                raise ValueError(f"{self.source.config.path}: none of its images is usable "
+                                 f"({self.decoder.skipped} bad)")
+        return images
+
+    def next(self) -> torch.Tensor:
+        """The next batch ``[batch_size, 3, R, R]``."""
+        return torch.stack(self.take(self.batch_size))
+
+    def init_pixels(self, n: int) -> torch.Tensor:
+        """``n`` images for the codebook's data init: the first of a fresh copy of this stream."""
+        fresh = _StreamBatches(self.source, self.spans, self.batch_size, self.buffer, self.seed,
+                               self.decoder)
+        return torch.stack(fresh.take(n))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": "stream", "data": self.fingerprint, "epoch": self.epoch,
+                "drawn": self.drawn, "good": self.good, "epoch_size": self.epoch_size,
+                "skipped": self.decoder.skipped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        _check_data_state(state, "stream", self.fingerprint)
+        self.epoch, self.drawn, self.good = state["epoch"], state["drawn"], state["good"]
+        self.epoch_size, self.decoder.skipped = state["epoch_size"], state["skipped"]
+        self._items = None
+
+
+class _TensorBatches:
+    """Endless random mini-batches of a tensor: a fresh permutation per epoch, seeded."""
+
+    def __init__(self, pixels: torch.Tensor, batch_size: int, generator: torch.Generator) -> None:
+        self.pixels, self.batch_size, self.generator = pixels, batch_size, generator
+        self.order = torch.empty(0, dtype=torch.long)
+        self.fingerprint = f"{pixels.shape[0]} images"
+
+    def next(self) -> torch.Tensor:
+        if self.order.numel() < self.batch_size:
+            fresh = torch.randperm(self.pixels.shape[0], generator=self.generator)
+            self.order = torch.cat([self.order, fresh])
+        index, self.order = self.order[: self.batch_size], self.order[self.batch_size :]
+        return self.pixels[index]
+
+    def init_pixels(self, n: int) -> torch.Tensor:
+        return self.pixels  # init_codebook draws its images from all of them
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": "tensor", "data": self.fingerprint, "order": self.order.tolist()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        _check_data_state(state, "tensor", self.fingerprint)
+        self.order = torch.tensor(state["order"], dtype=torch.long)
+
+
+def _check_data_state(state: dict[str, Any], kind: str, fingerprint: str) -> None:
+    if state.get("kind") != kind or state.get("data") != fingerprint:
+        raise ValueError(f"the checkpoint was trained on other data ({state.get('kind')} "
+                         f"{state.get('data')}, now {kind} {fingerprint}); resume with the same "
+                         "images, or train afresh in another out_dir")
+
+
+def _eval_pixels(images: Images, resolution: int, config: VQTrainConfig, decoder: _Decoder
+                 ) -> torch.Tensor:
+    """Evaluation pixels of ``eval_images``: a source's first ``eval_size`` usable images."""
+    if not _is_stream(images):
+        return images_to_pixels(images, resolution, config.num_workers)
+    if config.eval_size == 0:
+        raise ValueError("eval_size is 0: no images of the eval_images source to evaluate on")
+    source = _open(images)
+    pixels: list[torch.Tensor] = []
+    items = iter_images(source)
+    while len(pixels) < config.eval_size:
+        chunk = [item for _, item in zip(range(config.eval_size - len(pixels)), items)]
+        if not chunk:
+            break
+        pixels += decoder(chunk, source.config.allow_remote)
+    if not pixels:
+        raise ValueError(f"{source.config.path}: no usable evaluation images")
+    return torch.stack(pixels)
 
 
 # -------------------------------------------------------------------------------------- training
@@ -531,21 +828,6 @@ def vq_forward(
     return recon.float(), codes, vq_loss, latents
 
 
-class _Batches:
-    """Endless random mini-batches of a tensor: a fresh permutation per epoch, seeded."""
-
-    def __init__(self, pixels: torch.Tensor, batch_size: int, generator: torch.Generator) -> None:
-        self.pixels, self.batch_size, self.generator = pixels, batch_size, generator
-        self.order = torch.empty(0, dtype=torch.long)
-
-    def next(self) -> torch.Tensor:
-        if self.order.numel() < self.batch_size:
-            fresh = torch.randperm(self.pixels.shape[0], generator=self.generator)
-            self.order = torch.cat([self.order, fresh])
-        index, self.order = self.order[: self.batch_size], self.order[self.batch_size :]
-        return self.pixels[index]
-
-
 def _perceptual(config: VQTrainConfig, log: Callable[[str], None]) -> LPIPS | None:
     """The LPIPS model, or ``None`` (with one logged note) when the term is off or unavailable."""
     if config.perceptual_weight <= 0:
@@ -587,10 +869,15 @@ class _VQTraining:
                 for group in optimizer.param_groups:
                     group["lr"] = lr
 
+    @property
+    def init_size(self) -> int:
+        """Images the codebook's data init encodes: a batch, or enough for one latent per code."""
+        return max(self.config.batch_size, -(-self.vq_config.n_embed // self.vq_config.num_tokens))
+
     def init_codebook(self, pixels: torch.Tensor, generator: torch.Generator) -> None:
-        """Set every code to a distinct random encoder output of randomly drawn images."""
-        n_embed, per_image = self.vq_config.n_embed, self.vq_config.num_tokens
-        n_images = min(pixels.shape[0], max(self.config.batch_size, -(-n_embed // per_image)))
+        """Set every code to a distinct random encoder output of ``init_size`` random images."""
+        n_embed = self.vq_config.n_embed
+        n_images = min(pixels.shape[0], self.init_size)
         images = pixels[torch.randperm(pixels.shape[0], generator=generator)[:n_images]]
         with torch.no_grad():
             latents = self.vqgan.encode_latents(images.to(self.device))
@@ -651,118 +938,289 @@ class _VQTraining:
         return stats, codes, latents
 
 
+@dataclass
+class _Window:
+    """The training loop's running counters: saved in checkpoints, so a resumed run logs and
+    restarts codes exactly as the uninterrupted run."""
+
+    restart_counts: torch.Tensor
+    """How often each code was chosen since the last dead-code restart, ``[n_embed]``."""
+    log_counts: torch.Tensor
+    """How often each code was chosen since the last log line, ``[n_embed]``."""
+    sums: dict[str, float] = field(default_factory=dict)
+    """Sums of the step statistics since the last log line."""
+    restarted: int = 0
+    """Codes restarted since the last log line."""
+    last_log: int = 0
+    """Step of the last log line."""
+
+    @classmethod
+    def start(cls, n_embed: int) -> _Window:
+        return cls(torch.zeros(n_embed, dtype=torch.long), torch.zeros(n_embed, dtype=torch.long))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"restart_counts": self.restart_counts.tolist(),
+                "log_counts": self.log_counts.tolist(), "sums": dict(self.sums),
+                "restarted": self.restarted, "last_log": self.last_log}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> _Window:
+        return cls(torch.tensor(state["restart_counts"], dtype=torch.long),
+                   torch.tensor(state["log_counts"], dtype=torch.long), dict(state["sums"]),
+                   state["restarted"], state["last_log"])
+
+
+def _training_data(
+    images: Images, eval_images: Images | None, config: VQTrainConfig, generator: torch.Generator,
+    decoder: _Decoder,
+) -> tuple[_TensorBatches | _StreamBatches, torch.Tensor, int | None, str]:
+    """The batches, the evaluation pixels, the training images per epoch (if known) and a phrase
+    naming the data."""
+    resolution = decoder.resolution
+    if not _is_stream(images):
+        if config.max_images:
+            raise ValueError("max_images applies to a streamed source; slice the images instead")
+        pixels = images_to_pixels(images, resolution, config.num_workers)
+        if eval_images is not None:
+            eval_pixels = _eval_pixels(eval_images, resolution, config, decoder)
+        else:
+            n_train = pixels.shape[0] - min(config.eval_size, pixels.shape[0] // 10)
+            pixels, eval_pixels = pixels[:n_train], pixels[n_train:]
+            if eval_pixels.shape[0] == 0:  # under 10 images: evaluate on the training images
+                eval_pixels = pixels
+        batches = _TensorBatches(pixels, config.batch_size, generator)
+        return batches, eval_pixels, pixels.shape[0], f"{pixels.shape[0]} images"
+    source = _open(images)
+    if eval_images is None and config.eval_size == 0:
+        raise ValueError("eval_size is 0: pass eval_images to evaluate a streamed source")
+    plan = _plan_stream(source, config, hold_out=eval_images is None)
+    stream = _StreamBatches(source, plan.spans, config.batch_size, config.shuffle_buffer,
+                            config.seed, decoder)
+    if eval_images is not None:
+        eval_pixels = _eval_pixels(eval_images, resolution, config, decoder)
+    else:
+        good = decoder(plan.eval_items, source.config.allow_remote)
+        if not good:
+            raise ValueError(f"{source.config.path}: none of its first {len(plan.eval_items)} "
+                             "images (held out for evaluation) is usable")
+        eval_pixels = torch.stack(good)
+    size = "" if plan.train_images is None else f", {plan.train_images} images"
+    return stream, eval_pixels, plan.train_images, (
+        f"a stream of {source.config.path} ({len(plan.spans)} units{size}, "
+        f"{eval_pixels.shape[0]} evaluation images)")
+
+
+def _save_checkpoint(directory: Path, run: _VQTraining, generator: torch.Generator,
+                     batches: _TensorBatches | _StreamBatches, window: _Window, step: int) -> Path:
+    """The tokenizer files, the discriminator and the training state of ``step``."""
+    begin_checkpoint(directory)
+    ImageTokenizer(run.vqgan).save(directory)
+    run.vqgan.train()  # ImageTokenizer put it in eval mode
+    optimizers = {"vqgan": run.opt}
+    if run.disc is not None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in run.disc.state_dict().items()},
+                  str(directory / DISC_NAME))
+        optimizers["disc"] = run.opt_disc
+    return save_training_state(
+        directory, step=step, optimizers=optimizers, generators={"vq": generator},
+        extra={"data": batches.state_dict(), "window": window.state_dict()},
+        config=run.config.to_dict())
+
+
+def _load_checkpoint(directory: Path, run: _VQTraining, generator: torch.Generator,
+                     batches: _TensorBatches | _StreamBatches) -> tuple[int, _Window]:
+    """Restore a :func:`_save_checkpoint` folder into this run; its step and counters.
+
+    Raises:
+        ValueError: The checkpoint was made with another config (beyond ``RESUMABLE_CHANGES``),
+            other data, or for more steps than this run has.
+    """
+    state = read_state(directory)
+    saved, now = state["config"], json.loads(json.dumps(run.config.to_dict()))
+    changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
+    if changed:
+        raise ValueError(f"{directory}: saved by a run with other {', '.join(changed)} "
+                         f"({', '.join(f'{k}={saved.get(k)!r}' for k in changed)}); resume with "
+                         "the same config, or train afresh in another out_dir")
+    if state["step"] > run.config.steps:
+        raise ValueError(f"{directory}: is at step {state['step']}, beyond this run's "
+                         f"{run.config.steps} steps")
+    batches.load_state_dict(state["extra"]["data"])  # refuses other data before anything changes
+    device = str(run.device)
+    run.vqgan.load_state_dict(load_file(directory / WEIGHTS_NAME, device=device))
+    optimizers = {"vqgan": run.opt}
+    if run.disc is not None:
+        run.disc.load_state_dict(load_file(directory / DISC_NAME, device=device))
+        optimizers["disc"] = run.opt_disc
+    step, extra = load_training_state(directory, optimizers, generators={"vq": generator})
+    return step, _Window.from_state(extra["window"])
+
+
+def _remove_checkpoints(out: Path, log: Callable[[str], None]) -> None:
+    """Delete the checkpoints of an earlier VQGAN run in ``out``: a fresh run replaces its outputs."""
+    old = sorted(p for p in (out / "checkpoints").glob("step_*")
+                 if p.is_dir() and not (p / "model.safetensors").exists())  # never a model's
+    if old:
+        log(f"note: removing {len(old)} checkpoint(s) of an earlier run in {out / 'checkpoints'} "
+            "(resume=True / --resume continues a run instead)")
+        for path in old:
+            shutil.rmtree(path)
+
+
 def train_image_tokenizer(
-    images: torch.Tensor | Iterable[ImageSource],
+    images: Images,
     config: VQTrainConfig | None = None,
     out_dir: str | os.PathLike | None = None,
-    eval_images: torch.Tensor | Iterable[ImageSource] | None = None,
+    eval_images: Images | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    resume: bool = False,
 ) -> tuple[ImageTokenizer, dict[str, float]]:
-    """Train a VQGAN image tokenizer from scratch.
+    """Train a VQGAN image tokenizer from scratch, or continue a run from its latest checkpoint.
 
     Args:
-        images: Training pixels ``[M, 3, R, R]`` in [-1, 1], or an iterable of images (PIL
-            images, paths, bytes) that is preprocessed once (``"crop"``) and held in memory.
+        images: Training pixels ``[M, 3, R, R]`` in [-1, 1]; an iterable of images (PIL images,
+            paths, bytes), preprocessed once (``"crop"``) and held in memory; or a data source (a
+            spec such as ``'DIR/pairs/train-{000000..000019}.tar'`` or a folder of images, a
+            ``SourceConfig`` or an open ``Source``) streamed epoch after epoch, never held whole.
         config: Hyper-parameters (default :class:`VQTrainConfig`).
         out_dir: If given, receives the tokenizer (:meth:`ImageTokenizer.save`),
-            ``vq_train_log.jsonl`` (one JSON object per logged step), ``vq_metrics.json`` (the
-            returned metrics) and ``vq_train.json`` (the config).
-        eval_images: Images to evaluate on, like ``images``; if ``None``, the last
+            ``vq_train_log.jsonl`` (one JSON object per logged step) and ``tensorboard/``,
+            ``vq_metrics.json`` (the returned metrics), ``vq_train.json`` (the config) and the
+            checkpoints ``checkpoints/step_NNNNNNN/``. A fresh run removes earlier checkpoints.
+        eval_images: Images to evaluate on, like ``images`` (of a source, the first
+            ``config.eval_size`` usable ones); if ``None``, the last (of a stream: the first)
             ``min(config.eval_size, M // 10)`` training images are held out instead (with fewer
             than 10 images, the training images themselves are evaluated).
         progress: Show a tqdm progress bar.
         log: Receives the log lines.
+        resume: Continue from the latest checkpoint in ``out_dir``; the run then takes exactly
+            the steps the uninterrupted run would have taken.
 
     Returns:
         The trained tokenizer (fp32, on the CPU, eval mode) and its metrics on the evaluation
         images: ``psnr``, ``ssim``, ``l1``, ``codebook_usage``, ``perplexity``, plus ``steps``,
-        ``seconds`` (training time) and ``train_images``.
+        ``seconds`` (training time of this call), ``train_images`` (images per epoch; of a stream,
+        bad ones included, and only once known) and, for a stream, ``skipped_images`` (bad images
+        met, counted each time they come round).
 
     Raises:
-        ValueError: No images, or images that do not match the resolution.
+        ValueError: No (usable) images, images that do not match the resolution, or a checkpoint
+            that does not fit this run.
+        FileNotFoundError: ``resume`` without a checkpoint in ``out_dir``.
     """
     config = config or VQTrainConfig()
-    resolution = config.vq_config().resolution
-    pixels = images_to_pixels(images, resolution, config.num_workers)
-    if eval_images is not None:
-        eval_pixels = images_to_pixels(eval_images, resolution, config.num_workers)
-    else:
-        n_train = pixels.shape[0] - min(config.eval_size, pixels.shape[0] // 10)
-        pixels, eval_pixels = pixels[:n_train], pixels[n_train:]
-        if eval_pixels.shape[0] == 0:  # under 10 images: evaluate on the training images
-            eval_pixels = pixels
+    out = Path(out_dir) if out_dir is not None else None
+    if resume and out is None:
+        raise ValueError("resume=True needs the out_dir of the run to continue")
+    ckpt = latest_checkpoint(out) if resume else None
+    if resume and ckpt is None:
+        raise FileNotFoundError(f"{out}: no checkpoint to resume from (no "
+                                "checkpoints/step_*/trainer_state.json)")
     if progress and log is print:
         log = tqdm.write  # keep the log lines off the progress bar
+    decoder = _Decoder(config.vq_config().resolution, config.num_workers, log)
+    try:
+        return _train(images, eval_images, config, out, ckpt, progress, log, decoder)
+    finally:
+        decoder.close()
 
+
+def _train(
+    images: Images, eval_images: Images | None, config: VQTrainConfig, out: Path | None, ckpt: Path | None,
+    progress: bool, log: Callable[[str], None], decoder: _Decoder,
+) -> tuple[ImageTokenizer, dict[str, float]]:
+    """The body of :func:`train_image_tokenizer`."""
     run = _VQTraining(config, log)
     vqgan, n_embed = run.vqgan, run.vq_config.n_embed
     generator = torch.Generator().manual_seed(config.seed)
-    batches = _Batches(pixels, config.batch_size, generator)
+    batches, eval_pixels, train_images, what = _training_data(images, eval_images, config,
+                                                              generator, decoder)
     overrides = f" with {config.vq_overrides}" if config.vq_overrides else ""
     log(f"training a {config.vq_preset} VQGAN{overrides} "
         f"({sum(p.numel() for p in vqgan.parameters()):,} parameters, "
-        f"{run.vq_config.num_tokens} codes of {n_embed}) on {pixels.shape[0]} images for "
+        f"{run.vq_config.num_tokens} codes of {n_embed}) on {what} for "
         f"{config.steps} steps of {config.batch_size}; discriminator "
         f"{f'from step {config.disc_start + 1}' if config.disc_enabled else 'off'}")
-    if config.codebook_data_init:
-        run.init_codebook(pixels, generator)
+    if ckpt is not None:
+        start, window = _load_checkpoint(ckpt, run, generator, batches)
+        log(f"resumed from {ckpt} at step {start}")
+    else:
+        start, window = 0, _Window.start(n_embed)
+        if out is not None:
+            _remove_checkpoints(out, log)
+        if config.codebook_data_init:
+            run.init_codebook(batches.init_pixels(run.init_size), generator)
 
-    restart_counts = torch.zeros(n_embed, dtype=torch.long)  # codes chosen since the last restart
-    log_counts = torch.zeros(n_embed, dtype=torch.long)  # codes chosen since the last log line
-    sums: dict[str, float] = {}
-    restarted = 0
-    records: list[dict[str, Any]] = []
+    streaming = isinstance(batches, _StreamBatches)
+    # A resumed run drops the lines the interrupted one logged after its checkpoint.
+    logger = (MetricsLogger(out, LOG_NAME, purge_step=start + 1 if ckpt else 0)
+              if out is not None else None)
     t_start = t_window = time.perf_counter()
-    bar = tqdm(total=config.steps, disable=not progress, desc="vq", unit="step")
-    for step in range(1, config.steps + 1):
-        lr = config.lr * warmup_cosine(step - 1, config.warmup_steps, config.steps,
-                                       config.min_lr_ratio)
-        run.set_lr(lr)
-        use_disc = config.disc_enabled and step > config.disc_start
-        stats, codes, latents = run.step(batches.next().to(run.device), use_disc)
-        step_counts = code_histogram(codes, n_embed)
-        restart_counts += step_counts
-        log_counts += step_counts
-        if config.dead_code_every and step % config.dead_code_every == 0 and step < config.steps:
-            restarted += restart_dead_codes(vqgan, restart_counts, latents,
-                                            config.dead_code_threshold, generator)
-            restart_counts.zero_()
-        for key, value in stats.items():
-            sums[key] = sums.get(key, 0.0) + value
-        bar.update(1)
+    bar = tqdm(total=config.steps, initial=start, disable=not progress, desc="vq", unit="step")
+    try:
+        for step in range(start + 1, config.steps + 1):
+            lr = config.lr * warmup_cosine(step - 1, config.warmup_steps, config.steps,
+                                           config.min_lr_ratio)
+            run.set_lr(lr)
+            use_disc = config.disc_enabled and step > config.disc_start
+            stats, codes, latents = run.step(batches.next().to(run.device), use_disc)
+            step_counts = code_histogram(codes, n_embed)
+            window.restart_counts += step_counts
+            window.log_counts += step_counts
+            if (config.dead_code_every and step % config.dead_code_every == 0
+                    and step < config.steps):
+                window.restarted += restart_dead_codes(vqgan, window.restart_counts, latents,
+                                                       config.dead_code_threshold, generator)
+                window.restart_counts.zero_()
+            for key, value in stats.items():
+                window.sums[key] = window.sums.get(key, 0.0) + value
+            bar.update(1)
 
-        if step % config.log_every == 0 or step == config.steps:
-            n = step - (records[-1]["step"] if records else 0)
-            record: dict[str, Any] = {"step": step, "lr": lr}
-            record.update({k: v / n for k, v in sums.items()})
-            record.update(usage=float((log_counts > 0).sum()) / n_embed, restarted=restarted,
-                          it_per_s=n / (time.perf_counter() - t_window))
-            if config.eval_every and step % config.eval_every == 0 and step < config.steps:
-                record.update({f"eval_{k}": v for k, v in
-                               evaluate_reconstruction(vqgan, eval_pixels).items()})
-            records.append(record)
-            bar.set_postfix(rec=f"{record['rec']:.4f}", usage=f"{record['usage']:.2f}")
-            log(_format_record(record, config.steps))
-            sums, restarted = {}, 0
-            log_counts.zero_()
-            t_window = time.perf_counter()
-    bar.close()
+            if step % config.log_every == 0 or step == config.steps:
+                n = step - window.last_log
+                record: dict[str, Any] = {"step": step, "lr": lr}
+                record.update({k: v / n for k, v in window.sums.items()})
+                record.update(usage=float((window.log_counts > 0).sum()) / n_embed,
+                              restarted=window.restarted,
+                              it_per_s=n / (time.perf_counter() - t_window))
+                if streaming:
+                    record.update(epoch=batches.epoch, skipped_images=decoder.skipped)
+                if config.eval_every and step % config.eval_every == 0 and step < config.steps:
+                    record.update({f"eval_{k}": v for k, v in
+                                   evaluate_reconstruction(vqgan, eval_pixels).items()})
+                if logger is not None:
+                    logger.log(step, record)
+                bar.set_postfix(rec=f"{record['rec']:.4f}", usage=f"{record['usage']:.2f}")
+                log(_format_record(record, config.steps))
+                window.sums, window.restarted, window.last_log = {}, 0, step
+                window.log_counts.zero_()
+                t_window = time.perf_counter()
+            if out is not None and (step == config.steps
+                                    or (config.ckpt_every and step % config.ckpt_every == 0)):
+                _save_checkpoint(checkpoint_path(out, step), run, generator, batches, window,
+                                 step)
+    finally:
+        bar.close()
+        if logger is not None:
+            logger.close()
     seconds = time.perf_counter() - t_start
 
     vqgan = vqgan.cpu()
     metrics: dict[str, float] = evaluate_reconstruction(vqgan, eval_pixels)
-    metrics.update(steps=config.steps, seconds=round(seconds, 2), train_images=pixels.shape[0])
+    metrics.update(steps=config.steps, seconds=round(seconds, 2))
+    if train_images is None and streaming:
+        train_images = batches.epoch_size
+    if train_images is not None:
+        metrics["train_images"] = train_images
+    if streaming:
+        metrics["skipped_images"] = decoder.skipped
     log("eval: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                              for k, v in metrics.items()))
     tokenizer = ImageTokenizer(vqgan)
-    if out_dir is not None:
-        out = Path(out_dir)
+    if out is not None:
         tokenizer.save(out)
         config.save(out / TRAIN_CONFIG_NAME)
-        with open(out / TRAIN_LOG_NAME, "w") as f:
-            for record in records:
-                f.write(json.dumps(record) + "\n")
         (out / METRICS_NAME).write_text(json.dumps(metrics, indent=2) + "\n")
         log(f"saved the image tokenizer and training log to {out}")
     return tokenizer, metrics
@@ -787,14 +1245,15 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     defaults = VQTrainConfig()
     parser = subparsers.add_parser(
         "train-image", help="train the VQGAN image tokenizer",
-        description="Train a VQGAN image tokenizer on a folder of images or WebDataset shards and "
-                    "save it (vqgan.json + vqgan.safetensors) with its training log and metrics.")
+        description="Train a VQGAN image tokenizer on images streamed from a data source (tar "
+                    "shards, a folder of images, parquet or JSONL) and save it (vqgan.json + "
+                    "vqgan.safetensors) with its training log, metrics and checkpoints.")
     parser.add_argument("--data", required=True,
-                        help="a folder of png/jpg/webp images, a .tar shard or a brace pattern "
-                             "like DIR/pairs/train-{000000..000003}.tar")
+                        help="the source: a folder of images, a .tar shard, a brace pattern like "
+                             "DIR/pairs/train-{000000..000003}.tar, parquet or JSONL files")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
-    parser.add_argument("--eval-data", help="images to evaluate on, like --data (default: a "
-                                            "held-out slice of --data)")
+    parser.add_argument("--eval-data", help="images to evaluate on, like --data (default: the "
+                                            "first images of --data, held out)")
     parser.add_argument("--preset", choices=VQGANConfig.preset_names(), default=None,
                         help=f"VQGAN architecture preset (default {defaults.vq_preset} with the "
                              f"recommended overrides {defaults.vq_overrides})")
@@ -807,7 +1266,16 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--disc-start", type=int, default=defaults.disc_start,
                         help="steps before the PatchGAN discriminator starts (default "
                              f"{defaults.disc_start}: no discriminator)")
-    parser.add_argument("--max-images", type=int, default=None, help="use at most this many")
+    parser.add_argument("--max-images", type=int, default=None,
+                        help="train on at most this many images (the first ones of --data)")
+    parser.add_argument("--shuffle-buffer", type=int, default=defaults.shuffle_buffer,
+                        help="images held in the shuffle buffer of the stream")
+    parser.add_argument("--num-workers", type=int, default=defaults.num_workers,
+                        help="threads that decode images (0: the main thread)")
+    parser.add_argument("--ckpt-every", type=int, default=defaults.ckpt_every,
+                        help="save a checkpoint every N steps (0: only at the end)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the latest checkpoint in --out")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--lpips", default=None,
                         help="local LPIPS weights file (perceptual loss; skipped without one)")
@@ -822,7 +1290,9 @@ def run_cli(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-images must be positive, got {args.max_images}")
     changes: dict[str, Any] = dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                    seed=args.seed, lpips_path=args.lpips,
-                                   disc_start=args.disc_start)
+                                   disc_start=args.disc_start, max_images=args.max_images or 0,
+                                   shuffle_buffer=args.shuffle_buffer,
+                                   num_workers=args.num_workers, ckpt_every=args.ckpt_every)
     if args.preset is not None:  # the default overrides are for the default preset only
         changes.update(vq_preset=args.preset, vq_overrides={})
     defaults = VQTrainConfig()
@@ -830,13 +1300,8 @@ def run_cli(args: argparse.Namespace) -> int:
         changes["vq_overrides"] = {**changes.get("vq_overrides", defaults.vq_overrides),
                                    "encoder": args.encoder}
     config = defaults.replace(**changes)
-    resolution = config.vq_config().resolution
-    images = images_to_pixels(itertools.islice(iter_data_images(args.data), args.max_images),
-                              resolution, config.num_workers)
-    eval_images = (images_to_pixels(iter_data_images(args.eval_data), resolution,
-                                    config.num_workers)
-                   if args.eval_data else None)
-    _, metrics = train_image_tokenizer(images, config, out_dir=args.out, eval_images=eval_images,
-                                       progress=not args.no_progress)
+    _, metrics = train_image_tokenizer(args.data, config, out_dir=args.out,
+                                       eval_images=args.eval_data, progress=not args.no_progress,
+                                       resume=args.resume)
     print(json.dumps(metrics))
     return 0
