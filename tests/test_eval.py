@@ -47,8 +47,6 @@ def test_accuracy_counts():
 def test_evaluate_pairs_scores_a_model_both_ways_and_the_cli_writes_metrics(tmp_path):
     import json
 
-    import torch
-
     from chameleon_lm import Chameleon, ChameleonConfig, VQGAN, VQGANConfig
     from chameleon_lm.checkpoints import save_model
     from chameleon_lm.cli import main
@@ -79,6 +77,7 @@ def test_evaluate_pairs_scores_a_model_both_ways_and_the_cli_writes_metrics(tmp_
     save_model(tmp_path / "model", model, tok, vq)
     assert main(["eval", "pairs", "--model", str(tmp_path / "model"), "--manifest", str(tmp_path / "data"),
                  "--data", f"seen={tmp_path / 'data' / 'pairs' / 'test_seen-000000.tar'}",
-                 "--limit", "2", "--out", str(tmp_path / "eval.json")]) == 0
-    result = json.loads((tmp_path / "eval.json").read_text())
+                 "--limit", "2", "--out", str(tmp_path / "eval")]) == 0
+    result = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert (tmp_path / "eval" / "samples.html").read_text().count("data:image/png;base64,") == 4
     assert result["seen"]["n_pairs"] == 2 and result["seen"]["judge_real"]["all"] == 1.0

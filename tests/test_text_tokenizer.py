@@ -6,7 +6,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from chameleon_lm.tokenizers.text import (
-    iter_jsonl_texts, load_text_tokenizer, special_tokens, train_text_tokenizer,
+    load_text_tokenizer, special_tokens, train_text_tokenizer,
 )
 from chameleon_lm.tokenizers.vocab import IMAGE, SPECIAL, TEXT, Vocab, image_code_from_name, image_token_name
 
@@ -159,15 +159,3 @@ def test_vocab_rejects_gaps():
 def test_too_small_vocab():
     with pytest.raises(ValueError, match="too small"):
         train_text_tokenizer(CORPUS, 300, codebook_size=64)
-
-
-def test_jsonl_corpus(tmp_path):
-    p = tmp_path / "c.jsonl"
-    p.write_text(json.dumps({"text": "a red circle"}) + "\n\n" + json.dumps({"text": "blue"}) + "\n")
-    assert list(iter_jsonl_texts([p])) == ["a red circle", "blue"]
-    p.write_text('{"text": 3}\n')
-    with pytest.raises(ValueError, match="c.jsonl:1"):
-        list(iter_jsonl_texts([p]))
-    p.write_text("{oops\n")
-    with pytest.raises(ValueError, match="not valid JSON"):
-        list(iter_jsonl_texts([p]))

@@ -2,7 +2,6 @@
 
 import io
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -146,6 +145,21 @@ def test_killed_and_rerun_tokenization_is_byte_identical(tokenizers, tmp_path):
     (out / "tokenize_run.json").unlink()
     (tmp_path / "clean" / "tokenize_run.json").unlink()
     assert _files(out) == _files(tmp_path / "clean")
+
+
+def test_moved_data_gives_the_same_documents(tokenizers, tmp_path):
+    import shutil
+
+    data = _write_pairs(tmp_path / "here", n_shards=1, bad=False)
+    quiet = dict(progress=False, log=lambda *_: None)
+    tokenize(_config(tokenizers, data, tmp_path / "a"), **quiet)
+    shutil.move(tmp_path / "here", tmp_path / "there")
+    tokenize(_config(tokenizers, data.replace("here", "there"), tmp_path / "b"), **quiet)
+    for recipe in ("caption-image", "image-caption"):
+        a, b = tmp_path / "a" / recipe, tmp_path / "b" / recipe
+        assert (a / "000000.docs.jsonl").read_bytes() == (b / "000000.docs.jsonl").read_bytes()
+        assert (a / "000000.ids.npy").read_bytes() == (b / "000000.ids.npy").read_bytes()
+    assert TokenDataset(tmp_path / "a" / "caption-image").documents_info()[0]["key"] == "00000.tar/000000000"
 
 
 def test_two_workers_write_the_same_documents(tokenizers, tmp_path):

@@ -1,5 +1,5 @@
-"""The training loop: learning, exact resume, checkpoints (and killed saves), metrics logging,
-token files."""
+"""The training loop: learning, packed batches from token datasets, validation, init_from, exact
+resume, checkpoints (and killed saves), metrics logging."""
 
 import json
 import math
@@ -9,7 +9,10 @@ import pytest
 import torch
 
 from chameleon_lm import Chameleon, Document, DocumentCodec, load_model
-from chameleon_lm.data.tokens import IGNORE_INDEX, TokenDocuments
+from chameleon_lm.checkpoints import save_as
+from chameleon_lm.data.loader import TrainLoader
+from chameleon_lm.data.mixture import MixtureConfig, MixtureSource
+from chameleon_lm.data.shards import ShardWriter, write_index
 from chameleon_lm.tokenizers.text import train_text_tokenizer
 from chameleon_lm.training import checkpoint
 from chameleon_lm.training.checkpoint import load_training_state, save_training_state
@@ -19,19 +22,29 @@ from chameleon_lm.training.trainer import Trainer, TrainConfig, latest_checkpoin
 K, N = 64, 16
 
 
+def write_dataset(folder, docs, vocab_size):
+    w = ShardWriter(folder, 0, "unit", vocab_size)
+    for i, d in enumerate(docs):
+        w.add(d, f"k{i}", str(i))
+    write_index(folder, [w.close()], vocab_size=vocab_size, info={})
+    return str(folder)
+
+
 @pytest.fixture(scope="module")
-def setup():
+def setup(tmp_path_factory):
     words = ["a red circle", "a blue square", "a green triangle", "now it turns yellow"]
     tok = train_text_tokenizer(words * 30, 600, codebook_size=K)
     codec = DocumentCodec(tok, image_seq_len=N)
-    g = torch.Generator().manual_seed(0)
     docs = []
     for i in range(64):  # caption -> image: each caption has its own fixed image
         codes = torch.randint(0, K, (N,), generator=torch.Generator().manual_seed(i % 4))
         docs.append(codec.encode(Document.of(words[i % 4], codes), eos=True))
-    docs.append(codec.encode_chat(Document.of("a red circle"), Document.of("a blue square")))
-    del g
-    return tok, codec, TokenDocuments.from_encoded(docs)
+    folder = tmp_path_factory.mktemp("data")
+    pairs = write_dataset(folder / "pairs", docs, len(tok))
+    chat = write_dataset(folder / "chat", [codec.encode_chat(Document.of("a red circle"),
+                                                             Document.of("a blue square"))], len(tok))
+    tok.save(folder / "tok")
+    return tok, codec, {"pairs": pairs, "chat": chat, "tokenizers": str(folder / "tok")}
 
 
 def tensorboard_scalars(log_dir, tag: str) -> list[tuple[int, float]]:
@@ -42,44 +55,61 @@ def tensorboard_scalars(log_dir, tag: str) -> list[tuple[int, float]]:
     return [(e.step, e.value) for e in events.Scalars(tag)]
 
 
-def make_trainer(tmp_path, setup, dropout=0.0, compile=False):
-    tok, codec, data = setup
-    cfg = TrainConfig(model="tiny", model_overrides={"vocab_size": len(tok), "dropout": dropout},
-                      steps=40, batch_size=8, seq_len=64, lr=3e-3, warmup_steps=5,
-                      out_dir=str(tmp_path), log_every=100, compile=compile)
+def train_config(tmp_path, setup, dropout=0.0, compile=False, **kw):
+    tok, _, paths = setup
+    mixture = MixtureConfig(sources=[MixtureSource("pairs", paths["pairs"], 1.0),
+                                     MixtureSource("chat", paths["chat"], 0.05)])
+    kw.setdefault("model_overrides", {"vocab_size": len(tok), "dropout": dropout})
+    return TrainConfig(model="tiny", data=mixture, tokenizers=paths["tokenizers"], steps=40, batch_size=4, seq_len=64,
+                       lr=3e-3, warmup_steps=5, out_dir=str(tmp_path), log_every=100, compile=compile,
+                       **kw)
+
+
+def make_trainer(tmp_path, setup, dropout=0.0, compile=False, **kw):
     torch.manual_seed(0)
-    return Trainer(cfg, Chameleon(cfg.model_config()), data, tok.vocab.pad_id, tok)
+    return Trainer.from_config(train_config(tmp_path, setup, dropout, compile, **kw))
 
 
-def test_token_file_round_trip_and_batches(tmp_path, setup):
-    _, codec, data = setup
-    data.save(tmp_path / "t.safetensors")
-    again = TokenDocuments.load(tmp_path / "t.safetensors")
-    assert len(again) == len(data) and torch.equal(again[3].ids, data[3].ids)
-    chat = data[len(data) - 1]
-    b = data.batch([0, len(data) - 1], seq_len=64, pad_id=1)
-    assert b.input_ids.shape == b.targets.shape == (2, max(len(data[0]), len(chat)) - 1)
-    # targets are the next tokens; prompt tokens of the chat document carry no loss
-    assert torch.equal(b.targets[0, : len(data[0]) - 1], data[0].ids[1:])
-    n_loss = int(chat.loss_mask[1:].sum())
-    assert (b.targets[1] != IGNORE_INDEX).sum() == n_loss
-    assert b.image_targets[0].sum() == N
-    # batches are a pure function of (seed, step), and cover each epoch exactly once
-    assert data.sample_indices(3, 8, seed=1) == data.sample_indices(3, 8, seed=1)
-    epoch = sum((data.sample_indices(s, 5, seed=1) for s in range(13)), [])[: len(data)]
-    assert sorted(epoch) == list(range(len(data)))
-    # length grouping: same documents per window, each batch sorted by length, still deterministic
-    grouped = sum((data.sample_indices(s, 4, seed=1, group=3) for s in range(6)), [])
-    plain = sum((data.sample_indices(s, 4, seed=1) for s in range(6)), [])
-    assert sorted(grouped[:12]) == sorted(plain[:12]) and sorted(grouped[12:]) == sorted(plain[12:])
-    assert data.sample_indices(4, 4, seed=1, group=3) == grouped[16:20]
-    spread = lambda b: max(len(data[i]) for i in b) - min(len(data[i]) for i in b)  # noqa: E731
-    assert sum(spread(grouped[s : s + 4]) for s in range(0, 24, 4)) <= sum(
-        spread(plain[s : s + 4]) for s in range(0, 24, 4))
-    with pytest.raises(ValueError, match="not a token file"):
-        from safetensors.torch import save_file
-        save_file({"x": torch.zeros(1)}, str(tmp_path / "bad.safetensors"))
-        TokenDocuments.load(tmp_path / "bad.safetensors")
+def test_trainer_reads_packed_batches_and_validates_per_modality(tmp_path, setup):
+    tok, _, paths = setup
+    tr = make_trainer(tmp_path, setup, val={"held_out": paths["pairs"]}, val_every=2, val_batches=2)
+    assert isinstance(tr.loader, TrainLoader) and tr.loader.packer.mode == "packed"
+    hist = tr.fit(steps=4, progress=False, log=None)
+    assert all(h["padding"] == 0.0 for h in hist)  # packed rows are full
+    records = [json.loads(line) for line in (tmp_path / "train_log.jsonl").open()]
+    assert [("val/held_out/ce_image" in r) for r in records] == [False, True, False, True]
+    val = tr.validate()
+    assert val["val/held_out/ce_image"] > 0 and val["val/held_out/ce_text"] > 0
+    assert val == tr.validate()  # the same batches every time
+    assert tensorboard_scalars(tmp_path / "tensorboard", "train/val/held_out/ce")[0][0] == 2
+    padded = make_trainer(tmp_path / "padded", setup, packing="padded")
+    h = padded.fit(steps=6, progress=False, log=None)
+    assert sum(r["padding"] for r in h) > 0 and padded.loader.next_batch(6).doc_ids is None
+    # one token dataset by path is a one-source mixture
+    cfg = TrainConfig(data=paths["pairs"], tokenizers=paths["tokenizers"])
+    assert [s.path for s in cfg.data.sources] == [paths["pairs"]]
+    with pytest.raises(ValueError, match="no tokenizers"):
+        Trainer.from_config(TrainConfig(data=paths["pairs"]))
+    with pytest.raises(ValueError, match="packing"):
+        TrainConfig(packing="stuffed")
+
+
+@pytest.mark.parametrize("layout", ["native", "hf", "meta"])
+def test_init_from_starts_from_each_checkpoint_layout(tmp_path, setup, layout):
+    tr = make_trainer(tmp_path / "a", setup)
+    tr.fit(steps=3, progress=False, log=None)
+    with torch.no_grad():  # Meta's layout shares one QK-norm row between the heads of a shard
+        for name, p in tr.model.named_parameters():
+            if "normalization" in name:
+                p.copy_(p.mean(0, keepdim=True).expand_as(p))
+    src = tmp_path / layout
+    save_as(layout, src, load_model(tr.save_checkpoint()))
+    again = make_trainer(tmp_path / "b", setup, init_from=str(src), model_overrides={"dropout": 0.1})
+    assert again.model.config.dropout == 0.1 and again.model.config.dim == tr.model.config.dim
+    for k, v in tr.model.state_dict().items():
+        torch.testing.assert_close(again.model.state_dict()[k], v, rtol=0, atol=0, msg=k)
+    with pytest.raises(ValueError, match="do not fit the weights"):
+        make_trainer(tmp_path / "c", setup, init_from=str(src), model_overrides={"dim": 32})
 
 
 def test_short_run_lowers_the_loss(tmp_path, setup):
@@ -104,6 +134,7 @@ def test_resume_continues_the_same_curve(tmp_path, setup):
     resumed = make_trainer(tmp_path / "c", setup, dropout=0.1)
     resumed.load_checkpoint(ckpt)
     assert resumed.step == 15
+    assert resumed.loader.state_dict() == part.loader.state_dict()
     rest = [h["loss"] for h in resumed.fit(progress=False, log=None)]
     torch.testing.assert_close(torch.tensor(rest), torch.tensor(ref[15:]), rtol=1e-5, atol=1e-6)
     # Resuming in the run's own folder drops the log lines written after the checkpoint.
@@ -176,17 +207,20 @@ def test_data_state_travels_with_the_checkpoint(tmp_path, setup):
         def load_data_state(self, state):
             self.restored = state
 
-    tok, _, data = setup
+    tok = setup[0]
     base = make_trainer(tmp_path, setup)
-    tr = Positioned(base.config, base.model, data, tok.vocab.pad_id, tok)
+    tr = Positioned(base.config, base.model, base.loader, tok)
     tr.fit(steps=2, progress=False, log=None)
     ckpt = tr.save_checkpoint()
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["step"] == 2 and state["extra"] == {"data": {"epoch": 2, "position": 16}}
     assert state["config"] == base.config.to_dict()
-    other = Positioned(base.config, Chameleon(base.config.model_config()), data, tok.vocab.pad_id)
+    other = Positioned(base.config, Chameleon(base.config.model_config()), base.loader)
     other.load_checkpoint(ckpt)
     assert other.step == 2 and other.restored == {"epoch": 2, "position": 16}
+    # the real loader's position is what a Trainer saves
+    state = json.loads((base.save_checkpoint(tmp_path / "real") / "trainer_state.json").read_text())
+    assert state["extra"]["data"] == base.loader.state_dict()
 
 
 def test_training_state_round_trip_and_errors(tmp_path):

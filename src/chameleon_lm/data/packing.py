@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
@@ -179,8 +180,8 @@ class Packer:
         rows = -(-n // T)
         pad = rows * T - n  # only at the end of the stream
         inputs, targets, images, positions = zip(*pieces)
-        piece_lens = torch.tensor([p.numel() for p in inputs])
-        doc = torch.repeat_interleave(torch.arange(len(pieces)), piece_lens)
+        # numpy: torch's repeat_interleave wakes the intra-op thread pool, ms per call on a busy CPU
+        doc = torch.from_numpy(np.repeat(np.arange(len(pieces)), [p.numel() for p in inputs]))
         doc_RT = torch.cat([doc, torch.full((pad,), -1)]).view(rows, T)
         # Each row numbers its documents from 0; a row never starts with a pad slot.
         doc_ids = torch.where(doc_RT >= 0, doc_RT - doc_RT[:, :1], -1).int()

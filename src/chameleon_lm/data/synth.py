@@ -43,9 +43,9 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 # png_bytes and read_pairs are imported from here too: they moved to the sources package
-from chameleon_lm.data.sources.base import png_bytes
+from chameleon_lm.data.sources.base import png_bytes  # noqa: F401
 from chameleon_lm.data.sources.jsonl import read_obelics_jsonl, write_obelics_jsonl
-from chameleon_lm.data.sources.webdataset import read_pairs, write_webdataset
+from chameleon_lm.data.sources.webdataset import read_pairs, write_webdataset  # noqa: F401
 
 RGB = tuple[int, int, int]
 Label = dict[str, Any]

@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import time
-from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -34,7 +33,7 @@ from chameleon_lm.data.recipes import RecipeConfig, RecipeError, encode_sample
 from chameleon_lm.data.shards import (
     INDEX, ShardWriter, completed_shard, read_docs_jsonl, write_index,
 )
-from chameleon_lm.data.sources import ImageRef, Skipped, SourceConfig, load_image, open_source
+from chameleon_lm.data.sources import Skipped, SourceConfig, load_image, open_source
 from chameleon_lm.documents import DocumentCodec
 from chameleon_lm.tokenizers.image import load_image_tokenizer
 from chameleon_lm.tokenizers.images import ImageError
@@ -181,7 +180,13 @@ class _Worker:
 
         def skip(key: str, reason: str, detail: str) -> None:
             for w in writers:
-                w.skip(key, reason, detail)
+                w.skip(portable(key), reason, detail)
+
+        unit_name = Path(unit.split("://", 1)[-1]).name
+
+        def portable(key: str) -> str:
+            # the unit's file name, not its full path: keys and caption dropout survive moving the data
+            return unit_name + key[len(unit):] if key.startswith(unit) else key
 
         def flush() -> None:
             pil = [s for _, segs, _, _ in pending for s in segs if isinstance(s, Image.Image)]
@@ -192,11 +197,11 @@ class _Worker:
                     try:
                         # chat prompts pad their images (the SFT recipe), so the codec encodes them itself
                         enc = encode_sample(self.codec, recipe, segs if recipe.name == "chat" else coded,
-                                            sample.key, cfg.seed)
+                                            portable(sample.key), cfg.seed)
                     except RecipeError as e:
-                        writer.skip(sample.key, e.reason, str(e))
+                        writer.skip(portable(sample.key), e.reason, str(e))
                         continue
-                    writer.add(enc, sample.key, digest, sample.meta, n_images)
+                    writer.add(enc, portable(sample.key), digest, sample.meta, n_images)
             pending.clear()
 
         n_pending_images = 0

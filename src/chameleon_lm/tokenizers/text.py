@@ -19,9 +19,8 @@ exist, so the first reserved slot is named ``<reserved08706>`` and serves as end
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -152,22 +151,6 @@ def train_text_tokenizer(
     if result.vocab.codebook_size != codebook_size or result.vocab.image_start != 4:
         raise RuntimeError("BPE training did not keep the special-token layout")  # library contract
     return result
-
-
-def iter_jsonl_texts(paths: Iterable[str | os.PathLike], key: str = "text") -> Iterator[str]:
-    """The ``key`` field of every line of JSONL files (e.g. ``{"text": …}`` corpora)."""
-    for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from e
-                if not isinstance(obj, dict) or not isinstance(obj.get(key), str):
-                    raise ValueError(f"{path}:{n}: expected an object with a string field {key!r}")
-                yield obj[key]
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "text_tokenizer.json", "tokenizer/text_tokenizer.json")

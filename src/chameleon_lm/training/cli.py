@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from chameleon_lm.data.sources import iter_texts, open_source
-from chameleon_lm.data.tokens import TokenDocuments
-from chameleon_lm.model import Chameleon
-from chameleon_lm.tokenizers.image import load_image_tokenizer
-from chameleon_lm.tokenizers.text import load_text_tokenizer, train_text_tokenizer
+from chameleon_lm.tokenizers.text import train_text_tokenizer
 from chameleon_lm.training.trainer import Trainer, TrainConfig, latest_checkpoint
 from chameleon_lm.utils.config import apply_overrides, read_config_file
 
@@ -33,28 +28,22 @@ def load_train_config(spec: str, overrides: list[str]) -> TrainConfig:
 
 def run_train(args: argparse.Namespace) -> int:
     config = load_train_config(args.config, args.overrides)
-    if not config.data:
-        raise ValueError("the config names no data (data=PATH of a token file)")
-    data = TokenDocuments.load(config.data)
-    text_tok = image_tok = None
-    if config.tokenizers:
-        text_tok = load_text_tokenizer(config.tokenizers)
-        if (Path(config.tokenizers) / "vqgan.json").is_file():
-            image_tok = load_image_tokenizer(config.tokenizers)
-    vocab = len(text_tok) if text_tok is not None else None
-    model = Chameleon(config.model_config(vocab))
-    pad_id = text_tok.vocab.pad_id if text_tok is not None else 1
-    trainer = Trainer(config, model, data, pad_id, text_tok, image_tok)
+    trainer = Trainer.from_config(config)
     if args.resume:
         ckpt = latest_checkpoint(config.out_dir)
         if ckpt is None:
             raise FileNotFoundError(f"{config.out_dir}: no checkpoint to resume from")
         trainer.load_checkpoint(ckpt)
         print(f"resumed from {ckpt} at step {trainer.step}")
-    print(f"model {model.config.num_params():,} parameters; {len(data)} documents, "
-          f"{data.num_tokens:,} tokens; {config.steps} steps of {config.batch_size}")
+    stream = trainer.loader.stream
+    sources = ", ".join(f"{name} ({len(ds):,} documents, {ds.num_tokens:,} tokens)"
+                        for name, ds in zip(stream.names, stream.datasets))
+    print(f"model {trainer.model.config.num_params():,} parameters; data: {sources}; "
+          f"{config.steps} steps of {config.batch_size} x {config.seq_len} tokens ({config.packing})")
     trainer.fit(progress=not args.no_progress)
     print(f"saved {trainer.save_checkpoint()}")
+    if config.export_dir:
+        print(f"exported the model to {trainer.export(config.export_dir)}")
     return 0
 
 
@@ -86,7 +75,7 @@ def run_train_text(args: argparse.Namespace) -> int:
 
 def add_cli(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAction:
     """Register ``train`` and ``tokenizer {train-text}``; returns the tokenizer subparsers."""
-    p = subparsers.add_parser("train", help="train a model on a token file")
+    p = subparsers.add_parser("train", help="train a model on a mixture of token datasets")
     p.add_argument("config", help=f"a .toml/.yaml/.json file or a preset ({', '.join(TrainConfig.preset_names())})")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=100 model_overrides.n_layers=4")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from chameleon_lm.data.tokens import IGNORE_INDEX
+from chameleon_lm.data.packing import IGNORE_INDEX
 
 
 @dataclass

@@ -80,7 +80,7 @@ from chameleon_lm.training.metrics import (
     ssim,
 )
 from chameleon_lm.training.schedule import warmup_cosine
-from chameleon_lm.utils.config import Config
+from chameleon_lm.utils.config import Config, read_config_file
 
 LOG_NAME = "vq_train"
 TRAIN_LOG_NAME = f"{LOG_NAME}_log.jsonl"
@@ -1252,6 +1252,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         help="the source: a folder of images, a .tar shard, a brace pattern like "
                              "DIR/pairs/train-{000000..000003}.tar, parquet or JSONL files")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--config", type=Path,
+                        help="a .toml/.yaml/.json VQTrainConfig; the flags below override it")
     parser.add_argument("--eval-data", help="images to evaluate on, like --data (default: the "
                                             "first images of --data, held out)")
     parser.add_argument("--preset", choices=VQGANConfig.preset_names(), default=None,
@@ -1260,23 +1262,23 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--encoder", choices=ENCODERS, default=None,
                         help="taming (official) or patch (each code sees only its own patch: easier "
                              "codes for a small model; native layout only)")
-    parser.add_argument("--steps", type=int, default=defaults.steps)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--disc-start", type=int, default=defaults.disc_start,
+    parser.add_argument("--steps", type=int, help=f"default {defaults.steps}")
+    parser.add_argument("--batch-size", type=int, help=f"default {defaults.batch_size}")
+    parser.add_argument("--lr", type=float, help=f"default {defaults.lr}")
+    parser.add_argument("--disc-start", type=int,
                         help="steps before the PatchGAN discriminator starts (default "
                              f"{defaults.disc_start}: no discriminator)")
-    parser.add_argument("--max-images", type=int, default=None,
+    parser.add_argument("--max-images", type=int,
                         help="train on at most this many images (the first ones of --data)")
-    parser.add_argument("--shuffle-buffer", type=int, default=defaults.shuffle_buffer,
-                        help="images held in the shuffle buffer of the stream")
-    parser.add_argument("--num-workers", type=int, default=defaults.num_workers,
-                        help="threads that decode images (0: the main thread)")
-    parser.add_argument("--ckpt-every", type=int, default=defaults.ckpt_every,
-                        help="save a checkpoint every N steps (0: only at the end)")
+    parser.add_argument("--shuffle-buffer", type=int,
+                        help=f"images held in the shuffle buffer of the stream (default {defaults.shuffle_buffer})")
+    parser.add_argument("--num-workers", type=int,
+                        help="threads that decode images (default 0: the main thread)")
+    parser.add_argument("--ckpt-every", type=int,
+                        help="save a checkpoint every N steps (default 0: only at the end)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the latest checkpoint in --out")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--seed", type=int, help=f"default {defaults.seed}")
     parser.add_argument("--lpips", default=None,
                         help="local LPIPS weights file (perceptual loss; skipped without one)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -1288,18 +1290,18 @@ def run_cli(args: argparse.Namespace) -> int:
     """Train with the options of :func:`add_cli` and print the final metrics."""
     if args.max_images is not None and args.max_images <= 0:
         raise ValueError(f"--max-images must be positive, got {args.max_images}")
-    changes: dict[str, Any] = dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                                   seed=args.seed, lpips_path=args.lpips,
-                                   disc_start=args.disc_start, max_images=args.max_images or 0,
-                                   shuffle_buffer=args.shuffle_buffer,
-                                   num_workers=args.num_workers, ckpt_every=args.ckpt_every)
+    config = VQTrainConfig.from_dict(read_config_file(args.config)) if args.config else VQTrainConfig()
+    changes: dict[str, Any] = {k: v for k, v in dict(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        lpips_path=args.lpips, disc_start=args.disc_start, max_images=args.max_images,
+        shuffle_buffer=args.shuffle_buffer, num_workers=args.num_workers,
+        ckpt_every=args.ckpt_every).items() if v is not None}
     if args.preset is not None:  # the default overrides are for the default preset only
         changes.update(vq_preset=args.preset, vq_overrides={})
-    defaults = VQTrainConfig()
     if args.encoder is not None:
-        changes["vq_overrides"] = {**changes.get("vq_overrides", defaults.vq_overrides),
+        changes["vq_overrides"] = {**changes.get("vq_overrides", config.vq_overrides),
                                    "encoder": args.encoder}
-    config = defaults.replace(**changes)
+    config = config.replace(**changes)
     _, metrics = train_image_tokenizer(args.data, config, out_dir=args.out,
                                        eval_images=args.eval_data, progress=not args.no_progress,
                                        resume=args.resume)

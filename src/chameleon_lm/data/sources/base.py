@@ -321,6 +321,16 @@ def png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+def _samples(source: Source, skipped: Counter[str] | None) -> Iterator[Sample]:
+    """The samples of a source, counting the reasons of skipped ones in ``skipped`` when given."""
+    for item in source:
+        if isinstance(item, Skipped):
+            if skipped is not None:
+                skipped[item.reason] += 1
+            continue
+        yield item
+
+
 def iter_texts(source: Source, skipped: Counter[str] | None = None) -> Iterator[str]:
     """Every non-empty text segment of a source: captions, text documents, interleaved texts.
 
@@ -328,14 +338,8 @@ def iter_texts(source: Source, skipped: Counter[str] | None = None) -> Iterator[
         source: The source.
         skipped: When given, counts the reasons of skipped samples.
     """
-    for item in source:
-        if isinstance(item, Skipped):
-            if skipped is not None:
-                skipped[item.reason] += 1
-            continue
-        for segment in item.segments:
-            if isinstance(segment, str) and segment.strip():
-                yield segment
+    for item in _samples(source, skipped):
+        yield from (s for s in item.segments if isinstance(s, str) and s.strip())
 
 
 def iter_images(source: Source, skipped: Counter[str] | None = None
@@ -346,11 +350,5 @@ def iter_images(source: Source, skipped: Counter[str] | None = None
         source: The source.
         skipped: When given, counts the reasons of skipped samples.
     """
-    for item in source:
-        if isinstance(item, Skipped):
-            if skipped is not None:
-                skipped[item.reason] += 1
-            continue
-        for segment in item.segments:
-            if isinstance(segment, ImageRef):
-                yield item.key, segment
+    for item in _samples(source, skipped):
+        yield from ((item.key, s) for s in item.segments if isinstance(s, ImageRef))
