@@ -72,7 +72,7 @@ def test_shipped_configs_parse():
     from importlib import resources
 
     from chameleon_lm.training.cli import load_train_config
-    from chameleon_lm.training.vq import VQTrainConfig
+    from chameleon_lm.training.vqgan import VQTrainConfig
     from chameleon_lm.utils.config import read_config_file
 
     folder = resources.files("chameleon_lm") / "configs"

@@ -19,21 +19,19 @@ from chameleon_lm.tokenizers.images import to_tensor
 from chameleon_lm.tokenizers.vqgan import VQGAN, VQGANConfig
 from chameleon_lm.training import metrics
 from chameleon_lm.training.checkpoint import latest_checkpoint
-from chameleon_lm.training.vq import (
+from chameleon_lm.training.vqgan import (
     LPIPS,
     METRICS_NAME,
     TRAIN_LOG_NAME,
     NLayerDiscriminator,
     VQTrainConfig,
-    _Decoder,
-    _plan_stream,
-    _StreamBatches,
     add_cli,
     vq_forward,
     load_lpips,
     restart_dead_codes,
     train_image_tokenizer,
 )
+from chameleon_lm.training.vqgan.stream import _Decoder, _plan_stream, _StreamBatches
 
 # A small, fast architecture for the tests that do not look at quality.
 SMALL = {"ch": 16, "z_channels": 16, "embed_dim": 16, "n_embed": 64}
