@@ -94,6 +94,16 @@ def test_trainer_reads_packed_batches_and_validates_per_modality(tmp_path, setup
         TrainConfig(packing="stuffed")
 
 
+def test_a_run_is_a_function_of_its_config(tmp_path, setup):
+    cfg = train_config(tmp_path, setup)
+    first = Trainer.from_config(cfg).model.state_dict()
+    torch.rand(1000)  # whatever ran before in the process
+    again = Trainer.from_config(cfg).model.state_dict()
+    other = Trainer.from_config(cfg.replace(seed=1)).model.state_dict()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not torch.equal(first["output.weight"], other["output.weight"])
+
+
 @pytest.mark.parametrize("layout", ["native", "hf", "meta"])
 def test_init_from_starts_from_each_checkpoint_layout(tmp_path, setup, layout):
     tr = make_trainer(tmp_path / "a", setup)

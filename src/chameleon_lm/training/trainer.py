@@ -221,7 +221,12 @@ class Trainer:
 
     @classmethod
     def from_config(cls, config: TrainConfig) -> Trainer:
-        """Tokenizers, model (fresh or ``init_from``), loader and held-out sets, as the config says."""
+        """Tokenizers, model (fresh or ``init_from``), loader and held-out sets, as the config says.
+
+        The global torch RNG is seeded with ``config.seed`` first, so the initial weights (and dropout)
+        are a function of the config, whatever ran before in the process.
+        """
+        torch.manual_seed(config.seed)
         text_tok, image_tok, model = build_model(config)
         if config.data is None:
             raise ValueError("the config names no data (data = a token dataset, or [[data.sources]])")
