@@ -34,7 +34,7 @@ CONFIGS = resources.files("chameleon_lm") / "configs" / "quickstart"
 
 @dataclass
 class QuickstartConfig:
-    """The quickstart run; the defaults fit about 12 minutes on 2 CPU cores."""
+    """The quickstart run; the defaults are sized for about 10 minutes on 2 CPU cores."""
 
     seed: int = 0
     train_pairs: int = 10000

@@ -108,9 +108,7 @@ class TrainConfig(Config):
     seed: int = 0
     compile: bool = False
     """``torch.compile`` each transformer block (``compile_blocks``): fuses the norms, RoPE and SwiGLU
-    around the matmuls. Pays off on big models and GPUs; on the ``small`` preset on 2 CPU cores it cut
-    the trunk's forward + backward by ~12 % after ~20 s of compilation (bench/RESULTS.md), and it did
-    not speed up the quickstart's model at all."""
+    around the matmuls. Pays off on big models and GPUs; CPU figures are in bench/RESULTS.md."""
     log_every: int = 10
     ckpt_every: int = 0
     """Save a checkpoint every N steps (0: only at the end)."""
