@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from chameleon_lm.data.recipes import RecipeConfig, RecipeError, encode_sample
 from chameleon_lm.data.shards import (
-    INDEX, ShardWriter, completed_shard, read_docs_jsonl, write_index,
+    ShardWriter, completed_shard, read_docs_jsonl, write_index,
 )
 from chameleon_lm.data.sources import Skipped, SourceConfig, load_image, open_source
 from chameleon_lm.documents import DocumentCodec
@@ -328,10 +328,6 @@ def tokenize(config: TokenizeConfig, progress: bool = True, log=print) -> dict[s
             f"{s['duplicates_removed']}; skipped: {skipped}")
     log(f"done in {seconds:.1f} s ({stats['images_per_s']:.1f} images/s, {stats['tokens_per_s']:,.0f} tokens/s)")
     return {"indexes": indexes, "stats": stats}
-
-
-def is_token_dataset(path: str | os.PathLike) -> bool:
-    return (Path(path) / INDEX).is_file()
 
 
 # --------------------------------------------------------------------------------------------- CLI
