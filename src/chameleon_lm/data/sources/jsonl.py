@@ -32,13 +32,7 @@ class JsonlSource(UnitSource):
     format = "jsonl"
 
     def __init__(self, config: SourceConfig):
-        self._files: list[str] = []
-        for path in paths.expand(config.path):
-            found = paths.files_under(path, JSONL_SUFFIXES) if paths.is_dir(path) else [path]
-            if not found:
-                raise FileNotFoundError(f"{path}: no JSONL files ({', '.join(JSONL_SUFFIXES)}) in it")
-            self._files += found
-        self._files = list(dict.fromkeys(self._files))
+        self._files = paths.find_files(config.path, JSONL_SUFFIXES, "JSONL files")
         self._offsets: dict[str, list[int]] = {}
         first = self._first_record()
         where = first[0] if first else self._files[0]

@@ -63,13 +63,7 @@ class ParquetSource(UnitSource):
     format = "parquet"
 
     def __init__(self, config: SourceConfig):
-        self._files: list[str] = []
-        for path in paths.expand(config.path):
-            found = paths.files_under(path, PARQUET_SUFFIXES) if paths.is_dir(path) else [path]
-            if not found:
-                raise FileNotFoundError(f"{path}: no parquet files in it")
-            self._files += found
-        self._files = list(dict.fromkeys(self._files))
+        self._files = paths.find_files(config.path, PARQUET_SUFFIXES, "parquet files")
         self._layout: dict[str, tuple[list[int], Any]] = {}
         schema = self._file_layout(self._files[0])[1]
         self.records = RecordFormat(config, schema.names,

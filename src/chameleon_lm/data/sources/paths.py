@@ -92,6 +92,21 @@ def files_under(folder: str, suffixes: tuple[str, ...]) -> list[str]:
             if name.lower().endswith(suffixes)]
 
 
+def find_files(pattern: str, suffixes: tuple[str, ...], what: str) -> list[str]:
+    """The files a path pattern names, folders searched for ``suffixes``; in order, each once.
+
+    Raises:
+        FileNotFoundError: A folder of the pattern holds no such file (``what`` names them).
+    """
+    files: list[str] = []
+    for path in expand(pattern):
+        found = files_under(path, suffixes) if is_dir(path) else [path]
+        if not found:
+            raise FileNotFoundError(f"{path}: no {what} ({', '.join(suffixes)}) in it")
+        files += found
+    return list(dict.fromkeys(files))
+
+
 def join(folder: str, name: str) -> str:
     return posixpath.join(folder, name) if is_url(folder) else os.path.join(folder, name)
 

@@ -84,13 +84,7 @@ class WebDatasetSource(UnitSource):
         super().__init__(config, "pairs")
 
     def _list_units(self) -> list[str]:
-        shards = []
-        for path in paths.expand(self.config.path):
-            found = paths.files_under(path, SHARD_SUFFIXES) if paths.is_dir(path) else [path]
-            if not found:
-                raise FileNotFoundError(f"{path}: no tar shards ({', '.join(SHARD_SUFFIXES)}) in it")
-            shards += found
-        return list(dict.fromkeys(shards))
+        return paths.find_files(self.config.path, SHARD_SUFFIXES, "tar shards")
 
     def _read(self, unit: str) -> Iterator[Sample | Skipped]:
         groups = _groups(unit)
