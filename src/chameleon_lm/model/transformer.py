@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from chameleon_lm.model.config import ChameleonConfig
+from chameleon_lm.model.head import OutputHead
 
 try:
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
@@ -293,7 +294,7 @@ class Chameleon(nn.Module):
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.output = OutputHead(config.dim, config.vocab_size)
         self.init_weights()
 
     @torch.no_grad()

@@ -248,7 +248,7 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
             hidden = self.model.hidden_states(ids, positions=positions, doc_ids=doc_ids)
-            return lm_loss_sums(hidden, self.model.output.weight, batch.targets.to(self.device),
+            return lm_loss_sums(hidden, self.model.output, batch.targets.to(self.device),
                                 batch.image_targets.to(self.device), chunk_size=self.config.loss_chunk,
                                 z_loss_weight=self.config.z_loss)
 
