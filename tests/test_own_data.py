@@ -70,7 +70,7 @@ weight = 1.0
 pairs = "{tmp_path / 'tokens/val/caption-image'}"
 """)
     assert main(["train", str(config), "--no-progress"]) == 0
-    log = [json.loads(line) for line in (tmp_path / "run/train_log.jsonl").open()]
+    log = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").open()]
     assert [r["step"] for r in log] == [1, 2, 3, 4] and "val/pairs/ce_image" in log[-1]
     model = str(tmp_path / "run/model")
     assert load_model(model).image_tokenizer is not None

@@ -76,7 +76,7 @@ def test_trainer_reads_packed_batches_and_validates_per_modality(tmp_path, setup
     assert isinstance(tr.loader, TrainLoader) and tr.loader.packer.mode == "packed"
     hist = tr.fit(steps=4, progress=False, log=None)
     assert all(h["padding"] == 0.0 for h in hist)  # packed rows are full
-    records = [json.loads(line) for line in (tmp_path / "train_log.jsonl").open()]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
     assert [("val/held_out/ce_image" in r) for r in records] == [False, True, False, True]
     val = tr.validate()
     assert val["val/held_out/ce_image"] > 0 and val["val/held_out/ce_text"] > 0
@@ -128,7 +128,7 @@ def test_short_run_lowers_the_loss(tmp_path, setup):
     first, last = sum(h["ce"] for h in hist[:5]) / 5, sum(h["ce"] for h in hist[-5:]) / 5
     assert last < 0.65 * first, [round(h["ce"], 2) for h in hist]
     assert all(h["ce_image"] == h["ce_image"] for h in hist)  # image targets present, not NaN
-    lines = (tmp_path / "train_log.jsonl").read_text().splitlines()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 40 and json.loads(lines[-1])["step"] == 40
     ce = tensorboard_scalars(tmp_path / "tensorboard", "train/ce")
     assert ce == [(h["step"], pytest.approx(h["ce"])) for h in hist]
@@ -152,7 +152,7 @@ def test_resume_continues_the_same_curve(tmp_path, setup):
     again = make_trainer(tmp_path / "b", setup, dropout=0.1)
     again.load_checkpoint(ckpt)
     again.fit(steps=18, progress=False, log=None)
-    steps = [json.loads(line)["step"] for line in (tmp_path / "b/train_log.jsonl").open()]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b/metrics.jsonl").open()]
     assert steps == list(range(1, 19))
 
 
@@ -196,7 +196,7 @@ def test_a_killed_save_never_looks_complete(tmp_path, setup, monkeypatch):
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(checkpoint.torch, "save", killed)  # dies writing trainer.pt
+    monkeypatch.setattr(checkpoint, "rng_state", killed)  # dies after the weights, before the state
     for directory in (tr.checkpoint_dir(), first):  # a new folder, and one saved before
         with pytest.raises(KeyboardInterrupt):
             tr.save_checkpoint(directory)

@@ -25,10 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
     from chameleon_lm.eval import cli as eval_cli
     from chameleon_lm.generation import cli as generation_cli
     from chameleon_lm.training import cli as training_cli
+    from chameleon_lm.training import memory
     from chameleon_lm.training.vqgan import cli as vqgan_cli
 
     tokenizer = training_cli.add_cli(sub)
     vqgan_cli.add_cli(tokenizer)
+    memory.add_cli(sub)
     generation_cli.add_cli(sub)
     convert.add_cli(sub)
     eval_cli.add_cli(sub)

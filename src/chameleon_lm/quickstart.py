@@ -150,7 +150,7 @@ def run(out: Path, cfg: QuickstartConfig, log=print) -> dict:
 def _metrics(out: Path, cfg: QuickstartConfig, times: dict, t_start: float) -> dict:
     vq = json.loads((out / "tokenizers" / "vq_metrics.json").read_text())
     ev = json.loads((out / "eval" / "metrics.json").read_text())
-    log = [json.loads(line) for line in (out / "train" / "train_log.jsonl").open()]
+    log = [json.loads(line) for line in (out / "train" / "metrics.jsonl").open()]
     last = log[-1]
     m = {"seed": cfg.seed, "vq_psnr": vq["psnr"], "vq_ssim": vq["ssim"],
          "vq_codebook_usage": vq["codebook_usage"]}
@@ -194,7 +194,7 @@ def _curves_png(history: list[dict], path: Path) -> None:
 
 
 def _write_report(out: Path, metrics: dict) -> None:
-    history = [json.loads(line) for line in (out / "train" / "train_log.jsonl").open()]
+    history = [json.loads(line) for line in (out / "train" / "metrics.jsonl").open()]
     _curves_png(history, out / "training_curves.png")
     story = json.loads((out / "story" / "document.json").read_text())
     story_html = "".join(

@@ -8,12 +8,15 @@ Layout::
     DIR/vqgan.json           the image tokenizer's VQGANConfig        (optional: text-only models)
     DIR/vqgan.safetensors    the image tokenizer's weights            (optional)
 
-No pickle anywhere; weights are memory-mapped on load.
+No pickle anywhere; weights are memory-mapped on load. A training checkpoint holds the weights as a
+``torch.distributed.checkpoint`` (``DIR/.metadata`` + ``*.distcp``, key ``model.<name>``) instead of
+``model.safetensors``; it loads the same way, in one process, whatever the world size that saved it.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +29,7 @@ from chameleon_lm.tokenizers.image import ImageTokenizer, load_image_tokenizer
 from chameleon_lm.tokenizers.text import TextTokenizer, load_text_tokenizer
 from chameleon_lm.utils.weights import load_safetensors, read_json
 
-CONFIG, WEIGHTS = "config.json", "model.safetensors"
+CONFIG, WEIGHTS, DCP_METADATA = "config.json", "model.safetensors", ".metadata"
 
 
 @dataclass
@@ -48,10 +51,13 @@ def save_model(
     model: Chameleon,
     text_tokenizer: TextTokenizer | None,
     image_tokenizer: ImageTokenizer | None = None,
+    *,
+    weights: bool = True,
 ) -> Path:
     """Write a model folder in chameleon-lm's layout (see the module docstring).
 
-    Without a text tokenizer the folder holds the weights only (``load_model`` then refuses it).
+    Without a text tokenizer the folder holds the weights only (``load_model`` then refuses it);
+    ``weights=False`` writes everything but the weights (a training checkpoint saves them with DCP).
     """
     if text_tokenizer is not None and len(text_tokenizer) > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {len(text_tokenizer)} ids but the model only "
@@ -59,8 +65,9 @@ def save_model(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model.config.save(directory / CONFIG)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, directory / WEIGHTS, metadata={"format": "chameleon-lm"})
+    if weights:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, directory / WEIGHTS, metadata={"format": "chameleon-lm"})
     if text_tokenizer is not None:
         text_tokenizer.save(directory / "tokenizer.json")
     if image_tokenizer is not None:
@@ -69,8 +76,10 @@ def save_model(
 
 
 def is_native_model_dir(directory: Path) -> bool:
-    """``config.json`` + ``model.safetensors``, and the config is ours (HF's names a ``model_type``)."""
-    if not ((directory / CONFIG).is_file() and (directory / WEIGHTS).is_file()):
+    """``config.json`` + weights (``model.safetensors`` or a DCP checkpoint), and the config is ours
+    (HF's names a ``model_type``)."""
+    if not ((directory / CONFIG).is_file() and ((directory / WEIGHTS).is_file()
+                                                or (directory / DCP_METADATA).is_file())):
         return False
     data = read_json(directory / CONFIG)
     return isinstance(data, dict) and "model_type" not in data
@@ -85,18 +94,41 @@ def load_native_model(
     """Load a folder written by :func:`save_model` (``vqgan``: see :func:`load_image_tokenizer`'s
     ``decoder``, for a folder converted from Hugging Face without a VQ decoder)."""
     directory = Path(directory)
-    for name in (CONFIG, WEIGHTS, "tokenizer.json"):
+    dcp = not (directory / WEIGHTS).is_file() and (directory / DCP_METADATA).is_file()
+    for name in (CONFIG, DCP_METADATA if dcp else WEIGHTS, "tokenizer.json"):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory / name}: missing (expected a chameleon-lm model folder)")
     try:
         config = ChameleonConfig.load(directory / CONFIG)
     except (ValueError, TypeError) as e:
         raise ValueError(f"{directory / CONFIG}: not a valid model config ({e})") from e
-    model = assemble(config, load_safetensors(directory / WEIGHTS), directory / WEIGHTS, dtype, device)
+    if dcp:
+        model = load_dcp_weights(config, directory).to(device=device, dtype=dtype).eval()
+    else:
+        model = assemble(config, load_safetensors(directory / WEIGHTS), directory / WEIGHTS, dtype, device)
     image_tok = None
     if (directory / "vqgan.json").is_file() or vqgan is not None:
         image_tok = load_image_tokenizer(directory, device=device, decoder=vqgan)
     return bundle(model, load_text_tokenizer(directory / "tokenizer.json"), image_tok, directory)
+
+
+def load_dcp_weights(config: ChameleonConfig, directory: Path) -> Chameleon:
+    """A model with the ``model.*`` tensors of the DCP checkpoint in ``directory``, read by this process
+    alone (any saving world size; the planner reshards)."""
+    import torch.distributed.checkpoint as dcp
+
+    with torch.device("meta"):
+        model = Chameleon(config)
+    model.to_empty(device="cpu")
+    state = {"model": model.state_dict()}
+    try:
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", message=".*single process")
+            dcp.load(state, checkpoint_id=directory, no_dist=True)
+    except Exception as e:  # DCP wraps a missing/mismatched key in its own CheckpointException
+        raise ValueError(f"{directory}: the checkpoint's weights do not fit {directory / CONFIG}: {e}") from e
+    model.load_state_dict(state["model"])
+    return model
 
 
 def assemble(

@@ -32,11 +32,23 @@ class TrainLoader:
         pad_id: Input id of pad slots.
         seed: Seed of the document stream.
         mode: ``"packed"`` (rows filled with consecutive documents) or ``"padded"`` (one a row).
+        rank, world_size: This data-parallel rank's share: rows ``rank·b … (rank+1)·b`` of every batch,
+            ``b = batch_size / world_size``. Every rank follows the whole stream (document lengths only)
+            but reads the tokens of its own rows alone, so the batches, and the state, do not depend on
+            the number of ranks.
     """
 
     def __init__(self, mixture: MixtureConfig, *, seq_len: int, batch_size: int, pad_id: int, seed: int,
-                 mode: str = "packed"):
+                 mode: str = "packed", rank: int = 0, world_size: int = 1):
         _check_positive(batch_size, "batch_size")
+        _check_positive(world_size, "world_size")
+        if batch_size % world_size:
+            raise ValueError(f"batch_size {batch_size} (rows per step, all ranks) must be a multiple of "
+                             f"the number of ranks {world_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        share = batch_size // world_size
+        self.rows = slice(rank * share, (rank + 1) * share)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.stream = DocumentStream(mixture, seed)
@@ -46,8 +58,9 @@ class TrainLoader:
         self._settings = {"seq_len": seq_len, "batch_size": batch_size, "pad_id": pad_id, "mode": mode}
 
     def next_batch(self, step: int) -> Batch:
-        """The batch of training step ``step`` (documents drawn with that step's weights)."""
-        return self.packer.next_batch(self.batch_size, lambda: self.stream.next(step))
+        """This rank's rows of the batch of training step ``step`` (documents drawn with that step's
+        weights)."""
+        return self.packer.next_batch(self.batch_size, lambda: self.stream.next(step), self.rows)
 
     def state_dict(self) -> dict:
         """JSON-able: the stream's position, the packer's unfinished document and the loader's settings."""

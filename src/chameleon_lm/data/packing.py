@@ -55,17 +55,14 @@ class Batch:
         return self.input_ids.numel() - int(self.lengths.sum())
 
 
-@dataclass
 class _DocPairs:
-    """The (input, target) pairs of one document, and the handle it was fetched with."""
+    """The (input, target) pairs of one document, and the handle it was fetched with.
 
-    ref: Any
-    input_ids: torch.Tensor  # [L-1]
-    targets: torch.Tensor  # [L-1]
-    image_targets: torch.Tensor  # [L-1]
+    Token arrays are sliced only for the rows that are built (:meth:`pairs`), so a rank that takes a
+    share of a batch reads only its share of memory-mapped shards.
+    """
 
-    @classmethod
-    def of(cls, ref: Any, doc: EncodedDocument) -> _DocPairs:
+    def __init__(self, ref: Any, doc: EncodedDocument):
         if not isinstance(doc, EncodedDocument):
             raise TypeError(f"document {ref!r}: expected an EncodedDocument, got {type(doc).__name__}")
         ids, modality, loss_mask = doc.ids, doc.modality, doc.loss_mask
@@ -74,12 +71,17 @@ class _DocPairs:
             raise ValueError(f"document {ref!r}: ids, modality and loss_mask must be flat and of one "
                              f"length, got {tuple(ids.shape)}, {tuple(modality.shape)}, "
                              f"{tuple(loss_mask.shape)}")
-        ids = ids.long()
-        return cls(ref, ids[:-1], torch.where(loss_mask[1:].bool(), ids[1:], IGNORE_INDEX),
-                   modality[1:] == IMAGE)
+        self.ref, self.doc = ref, doc
 
     def __len__(self) -> int:
-        return self.input_ids.numel()
+        return max(self.doc.ids.numel() - 1, 0)
+
+    def pairs(self, s: int, e: int) -> tuple[torch.Tensor, ...]:
+        """Inputs, targets, image targets and positions of pairs ``s:e``."""
+        d = self.doc
+        ids = d.ids[s : e + 1].long()
+        targets = torch.where(d.loss_mask[s + 1 : e + 1].bool(), ids[1:], IGNORE_INDEX)
+        return ids[:-1], targets, d.modality[s + 1 : e + 1] == IMAGE, torch.arange(s, e)
 
 
 class Packer:
@@ -101,9 +103,11 @@ class Packer:
         self._offset = 0  # its pairs already in rows
 
     def next_batch(
-        self, batch_size: int, next_doc: Callable[[], tuple[Any, EncodedDocument]]
+        self, batch_size: int, next_doc: Callable[[], tuple[Any, EncodedDocument]],
+        rows: slice | None = None,
     ) -> Batch:
-        """The next ``batch_size`` rows.
+        """The next ``batch_size`` rows (of which ``rows`` are built and returned: a data-parallel rank's
+        share; the state advances by all of them).
 
         Args:
             batch_size: rows.
@@ -118,8 +122,8 @@ class Packer:
         before = self._carry, self._offset
         try:
             if self.mode == "packed":
-                return self._packed(batch_size, next_doc)
-            return self._padded(batch_size, next_doc)
+                return self._packed(batch_size, next_doc, rows or slice(None))
+            return self._padded(batch_size, next_doc, rows or slice(None))
         except Exception:
             self._carry, self._offset = before  # a failed batch consumes nothing already fetched
             raise
@@ -145,7 +149,7 @@ class Packer:
         if not isinstance(carry, dict) or set(carry) != {"ref", "offset"} or \
                 not isinstance(carry["offset"], int):
             raise ValueError(f"not a Packer carry (expected 'ref' and an integer 'offset'): {carry!r}")
-        doc = _DocPairs.of(carry["ref"], fetch(carry["ref"]))
+        doc = _DocPairs(carry["ref"], fetch(carry["ref"]))
         if not 0 <= carry["offset"] < len(doc):
             raise ValueError(f"carry offset {carry['offset']} is outside document {carry['ref']!r} "
                              f"({len(doc)} pairs): has the data changed since the state was saved?")
@@ -153,50 +157,62 @@ class Packer:
 
     # ------------------------------------------------------------------ rows
 
-    def _next_piece(self, max_len: int, next_doc) -> tuple[torch.Tensor, ...] | None:
-        """Up to ``max_len`` pairs (inputs, targets, image targets, positions) of the current document;
-        None at the end of the stream."""
+    def _next_piece(self, max_len: int, next_doc) -> tuple[_DocPairs, int, int] | None:
+        """Up to ``max_len`` pairs of the current document, as ``(document, start, end)``; None at the
+        end of the stream."""
         while self._carry is None:
             try:
                 ref, doc = next_doc()
             except StopIteration:
                 return None
-            pairs = _DocPairs.of(ref, doc)
+            pairs = _DocPairs(ref, doc)
             if len(pairs):
                 self._carry, self._offset = pairs, 0
         d, s = self._carry, self._offset
         e = min(s + max_len, len(d))
         self._carry, self._offset = (d, e) if e < len(d) else (None, 0)
-        return d.input_ids[s:e], d.targets[s:e], d.image_targets[s:e], torch.arange(s, e)
+        return d, s, e
 
-    def _packed(self, batch_size: int, next_doc) -> Batch:
+    def _packed(self, batch_size: int, next_doc, rows: slice) -> Batch:
         T, need = self.seq_len, batch_size * self.seq_len
         pieces, n = [], 0
         while n < need and (piece := self._next_piece(need - n, next_doc)) is not None:
             pieces.append(piece)
-            n += piece[0].numel()
+            n += piece[2] - piece[1]
         if not pieces:
             raise StopIteration
-        rows = -(-n // T)
-        pad = rows * T - n  # only at the end of the stream
-        inputs, targets, images, positions = zip(*pieces)
+        chosen = range(-(-n // T))[rows]
+        lo, hi = chosen.start * T, min(chosen.stop * T, n)  # the slots of the chosen rows
+        parts, at = [], 0
+        for k, (d, s, e) in enumerate(pieces):  # only the pieces in [lo, hi) are read
+            a, b = at, at + e - s
+            at = b
+            if b > lo and a < hi:
+                parts.append((k, d.pairs(s + max(a, lo) - a, s + min(b, hi) - a)))
+        R, real = len(chosen), max(hi - lo, 0)
+        pad = R * T - real  # only at the end of the stream
+        if not parts:
+            parts = [(0, tuple(torch.zeros(0, dtype=t) for t in (torch.long, torch.long, torch.bool,
+                                                               torch.long)))]
+        ks, pairs = zip(*parts)
+        inputs, targets, images, positions = zip(*pairs)
         # numpy: torch's repeat_interleave wakes the intra-op thread pool, ms per call on a busy CPU
-        doc = torch.from_numpy(np.repeat(np.arange(len(pieces)), [p.numel() for p in inputs]))
-        doc_RT = torch.cat([doc, torch.full((pad,), -1)]).view(rows, T)
+        doc = torch.from_numpy(np.repeat(np.asarray(ks), [p.numel() for p in inputs]))
+        doc_RT = torch.cat([doc, torch.full((pad,), -1)]).view(R, T)
         # Each row numbers its documents from 0; a row never starts with a pad slot.
         doc_ids = torch.where(doc_RT >= 0, doc_RT - doc_RT[:, :1], -1).int()
         cat = lambda parts, fill, dtype: torch.cat(  # noqa: E731
-            [*parts, torch.full((pad,), fill, dtype=dtype)]).view(rows, T)
+            [*parts, torch.full((pad,), fill, dtype=dtype)]).view(R, T)
         return Batch(
             input_ids=cat(inputs, self.pad_id, torch.long),
             targets=cat(targets, IGNORE_INDEX, torch.long),
             image_targets=cat(images, False, torch.bool),
-            positions=torch.cat([*positions, torch.arange(pad)]).view(rows, T),
+            positions=torch.cat([*positions, torch.arange(pad)]).view(R, T),
             doc_ids=doc_ids,
-            lengths=(n - torch.arange(rows) * T).clamp(max=T),
+            lengths=(real - torch.arange(R) * T).clamp(min=0, max=T),
         )
 
-    def _padded(self, batch_size: int, next_doc) -> Batch:
+    def _padded(self, batch_size: int, next_doc, rows: slice) -> Batch:
         pieces = []
         while len(pieces) < batch_size:
             piece = self._next_piece(self.seq_len, next_doc)
@@ -205,9 +221,11 @@ class Packer:
             pieces.append(piece)
         if not pieces:
             raise StopIteration
-        inputs, targets, images, positions = zip(*pieces)
+        chosen = [d.pairs(s, e) for d, s, e in pieces[rows]] or [
+            (torch.zeros(0, dtype=torch.long),) * 2 + (torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.long))]
+        inputs, targets, images, positions = zip(*chosen)
         lengths = torch.tensor([p.numel() for p in inputs])
-        starts = torch.stack([p[0] for p in positions])
+        starts = torch.stack([p[0] if p.numel() else torch.tensor(0) for p in positions])
         return Batch(
             input_ids=pad_sequence(inputs, batch_first=True, padding_value=self.pad_id),
             targets=pad_sequence(targets, batch_first=True, padding_value=IGNORE_INDEX),

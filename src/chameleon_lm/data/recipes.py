@@ -13,9 +13,12 @@ arranges them into a :class:`~chameleon_lm.documents.Document` and says which to
 - ``chat``: the SFT layout ``<s> prompt <reserved08706> answer </s>`` with the loss on the answer:
   the answer is the sample's last segment (``chat_answer="last"``), its last image or its last text,
   the prompt everything before it.
+- ``sft``: a conversation (a ``messages`` sample, whose segments carry roles) in the multi-turn layout
+  ``<s> u1 <reserved08706> a1 </s> u2 <reserved08706> a2 </s> …`` with the loss on every assistant turn
+  and its ``</s>`` (``DocumentCodec.encode_conversation``). ``augment`` adds light image augmentation.
 
-Every sample gets the same document on every run: caption dropout is drawn from a generator seeded by
-the run's seed and the sample's key.
+Every sample gets the same document on every run: caption dropout and augmentation are drawn from
+generators seeded by the run's seed and the sample's key.
 """
 
 from __future__ import annotations
@@ -24,12 +27,13 @@ import random
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 
 from chameleon_lm.documents import Document, DocumentCodec, EncodedDocument
 from chameleon_lm.tokenizers.vocab import TEXT
 from chameleon_lm.utils.config import Config
 
-RECIPES = ("caption-image", "image-caption", "interleaved", "text", "chat")
+RECIPES = ("caption-image", "image-caption", "interleaved", "text", "chat", "sft")
 
 
 class RecipeError(ValueError):
@@ -45,18 +49,22 @@ class RecipeConfig(Config):
     """How samples become documents."""
 
     name: str = "caption-image"
-    """One of ``caption-image``, ``image-caption``, ``interleaved``, ``text``, ``chat``."""
+    """One of ``caption-image``, ``image-caption``, ``interleaved``, ``text``, ``chat``, ``sft``."""
     caption_dropout: float = 0.0
     """``caption-image``: share of samples trained on the image alone (for classifier-free guidance;
     Meta's released models were trained with guidance, e.g. 0.1)."""
     loss: str = "auto"
     """Which tokens are targets: ``all``, ``text`` (from the first text token on: the caption of an
     image-caption pair) or ``auto`` (``text`` for ``image-caption``, the chat layout's own mask for
-    ``chat``, ``all`` otherwise)."""
+    ``chat`` and ``sft``, ``all`` otherwise)."""
     eos: bool = True
     """End every document with ``</s>``."""
     chat_answer: str = "last"
     """``chat``: the answer is the ``last`` segment, the last ``image`` or the last ``text``."""
+    augment: float = 0.0
+    """``sft``: light augmentation of pixel images, a random crop keeping ``1 - augment`` to all of each
+    side (a scale and position jitter; the aspect ratio kept); 0 turns it off. Never a horizontal
+    flip: texts say left and right."""
 
     def __post_init__(self) -> None:
         if self.name not in RECIPES:
@@ -69,10 +77,26 @@ class RecipeConfig(Config):
             raise ValueError(f"loss must be auto, all or text, got {self.loss!r}")
         if self.chat_answer not in ("last", "image", "text"):
             raise ValueError(f"chat_answer must be last, image or text, got {self.chat_answer!r}")
+        if not 0.0 <= self.augment < 0.5:
+            raise ValueError(f"augment must be in [0, 0.5), got {self.augment}")
+        if self.augment and self.name != "sft":
+            raise ValueError("augment applies to the sft recipe only")
+
+    def to_dict(self) -> dict:
+        # augment only when set: indexes and resume records of other recipes stay as they were
+        d = super().to_dict()
+        if not self.augment:
+            del d["augment"]
+        return d
 
     @property
     def needs_images(self) -> bool:
         return self.name != "text"
+
+    @property
+    def wants_pixels(self) -> bool:
+        """The recipe takes images as pixels: it chooses their resize mode (and may augment them)."""
+        return self.name in ("chat", "sft")
 
 
 def _pair(segments: list) -> tuple[str, torch.Tensor]:
@@ -102,6 +126,8 @@ def build_document(config: RecipeConfig, segments: list, key: str, seed: int
         RecipeError: The sample lacks what the recipe needs (an image, a caption, any text).
     """
     name = config.name
+    if name == "sft":
+        raise ValueError("the sft recipe makes turns: use build_conversation")
     if name in ("caption-image", "image-caption"):
         caption, image = _pair(segments)
         if name == "image-caption":
@@ -131,13 +157,58 @@ def build_document(config: RecipeConfig, segments: list, key: str, seed: int
     return Document.of(*prompt), Document.of(kept[at])
 
 
+def build_conversation(config: RecipeConfig, segments: list, roles: list[str] | None, key: str,
+                       seed: int) -> list[tuple[str, Document]]:
+    """The ``(role, document)`` turns of a conversation sample (``sft``).
+
+    A turn is a run of segments of one role; trailing user turns are dropped (they have no answer to
+    learn). With ``augment``, pixel images are jittered by a generator seeded by ``seed`` and ``key``.
+
+    Raises:
+        RecipeError: ``not_a_conversation`` (no roles: not a ``messages`` sample) or ``no_answer``.
+    """
+    if roles is None or len(roles) != len(segments):
+        raise RecipeError("not_a_conversation", "sft needs a messages source (segments with roles)")
+    rng = random.Random(f"{seed}/{key}/augment")
+    turns: list[tuple[str, list]] = []
+    for role, seg in zip(roles, segments):
+        if config.augment and isinstance(seg, Image.Image):
+            seg = _jitter(seg, rng, config.augment)
+        if not turns or turns[-1][0] != role:
+            turns.append((role, []))
+        if not isinstance(seg, str) or seg:
+            turns[-1][1].append(seg)
+    while turns and turns[-1][0] != "assistant":
+        turns.pop()
+    if not turns:
+        raise RecipeError("no_answer", "the conversation has no assistant turn")
+    return [(role, Document.of(*segs)) for role, segs in turns]
+
+
+def _jitter(image: Image.Image, rng: random.Random, amount: float) -> Image.Image:
+    """A random crop of ``1 - amount`` to all of each side, anywhere in the image."""
+    scale = 1.0 - rng.uniform(0.0, amount)
+    w, h = max(1, round(image.width * scale)), max(1, round(image.height * scale))
+    x, y = rng.randint(0, image.width - w), rng.randint(0, image.height - h)
+    return image.crop((x, y, x + w, y + h))
+
+
 def encode_sample(codec: DocumentCodec, config: RecipeConfig, segments: list, key: str,
-                  seed: int) -> EncodedDocument:
-    """Tokenize a sample's segments (texts and image codes) with a recipe.
+                  seed: int, roles: list[str] | None = None) -> EncodedDocument:
+    """Tokenize a sample's segments (texts and image codes, or PIL images) with a recipe.
+
+    Args:
+        roles: The role of each segment (``messages`` samples); the ``sft`` recipe needs them.
 
     Raises:
         RecipeError: The sample does not fit the recipe, or its text encodes to special tokens.
     """
+    if config.name == "sft":
+        turns = build_conversation(config, segments, roles, key, seed)
+        try:
+            return codec.encode_conversation(turns)
+        except ValueError as e:
+            raise RecipeError("bad_text", str(e)) from e
     doc, answer = build_document(config, segments, key, seed)
     try:
         if answer is not None:

@@ -134,10 +134,12 @@ class _Worker:
         self.codec = DocumentCodec(self.text, self.image)
         Image.MAX_IMAGE_PIXELS = config.max_image_pixels
 
-    def _decode(self, segments: list) -> tuple[list, str, int]:
+    def _decode(self, segments: list, roles: list[str] | None = None) -> tuple[list, str, int]:
         """Segments with images decoded (PIL), the content hash, and the image count."""
         cfg = self.config
         h = hashlib.sha256()
+        if roles is not None and cfg.dedup == "sample":
+            h.update(b"R" + " ".join(roles).encode() + b"\0")  # the same texts in other turns differ
         out: list = []
         images = 0
         for seg in segments:
@@ -188,16 +190,18 @@ class _Worker:
             # the unit's file name, not its full path: keys and caption dropout survive moving the data
             return unit_name + key[len(unit):] if key.startswith(unit) else key
 
+        # chat/sft prompts pad their images (the SFT recipe), so the codec encodes those itself
+        coded_needed = self.needs_images and not all(r.wants_pixels for r in cfg.recipes)
+
         def flush() -> None:
             pil = [s for _, segs, _, _ in pending for s in segs if isinstance(s, Image.Image)]
-            codes = iter(self.image.encode(pil).cpu()) if pil else iter(())
+            codes = iter(self.image.encode(pil).cpu()) if pil and coded_needed else iter(())
             for sample, segs, digest, n_images in pending:
-                coded = [s if isinstance(s, str) else next(codes) for s in segs] if self.needs_images else segs
+                coded = [s if isinstance(s, str) else next(codes) for s in segs] if coded_needed else segs
                 for recipe, writer in zip(cfg.recipes, writers):
                     try:
-                        # chat prompts pad their images (the SFT recipe), so the codec encodes them itself
-                        enc = encode_sample(self.codec, recipe, segs if recipe.name == "chat" else coded,
-                                            portable(sample.key), cfg.seed)
+                        enc = encode_sample(self.codec, recipe, segs if recipe.wants_pixels else coded,
+                                            portable(sample.key), cfg.seed, sample.roles)
                     except RecipeError as e:
                         writer.skip(portable(sample.key), e.reason, str(e))
                         continue
@@ -210,7 +214,7 @@ class _Worker:
                 skip(item.key, item.reason, item.detail)
                 continue
             try:
-                segs, digest, n_images = self._decode(item.segments)
+                segs, digest, n_images = self._decode(item.segments, item.roles)
             except _SampleError as e:
                 skip(item.key, e.reason, str(e))
                 continue
@@ -342,12 +346,13 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="a .toml/.yaml/.json TokenizeConfig (flags override it)")
     p.add_argument("--data", help="the source: path, glob, brace pattern or URL")
     p.add_argument("--format", choices=("auto", "webdataset", "files", "parquet", "jsonl"))
-    p.add_argument("--kind", choices=("auto", "pairs", "text", "interleaved"))
+    p.add_argument("--kind", choices=("auto", "pairs", "text", "interleaved", "messages"))
     p.add_argument("--text-field", help="text field of text JSONL/parquet (default text)")
     p.add_argument("--caption-field", help="caption field/column (default caption)")
     p.add_argument("--recipe", action="append", metavar="NAME",
-                   help="caption-image, image-caption, interleaved, text or chat (repeat for several)")
+                   help="caption-image, image-caption, interleaved, text, chat or sft (repeat for several)")
     p.add_argument("--caption-dropout", type=float, help="caption-image: share of captions dropped")
+    p.add_argument("--augment", type=float, help="sft: image crop jitter (share of each side, e.g. 0.1)")
     p.add_argument("--tokenizers", help="folder with tokenizer.json (+ vqgan.json/.safetensors)")
     p.add_argument("--out", help="output folder")
     p.add_argument("--workers", type=int)
@@ -383,6 +388,12 @@ def config_from_args(args: argparse.Namespace) -> TokenizeConfig:
             if r.get("name", "caption-image") == "caption-image":
                 r["caption_dropout"] = args.caption_dropout
         data["recipes"] = recipes
+    if args.augment is not None:
+        sft = [r for r in data.get("recipes") or [] if r.get("name") == "sft"]
+        if not sft:
+            raise ValueError("--augment applies to the sft recipe: add --recipe sft")
+        for r in sft:
+            r["augment"] = args.augment
     for flag in ("tokenizers", "out", "workers", "device", "image_batch", "min_image_size",
                  "max_aspect_ratio", "dedup", "seed"):
         if getattr(args, flag) is not None:

@@ -3,7 +3,8 @@
 A :class:`Document` is an ordered list of text and image parts. :class:`DocumentCodec` turns it into one
 id sequence, ``<s> text … <racm3:break> code×N <eoss> text …``, with the modality of every token, and
 parses id sequences (e.g. model output) back into parts. The chat/SFT layout is
-``<s> prompt <reserved08706> answer </s>`` with the loss on the answer (and ``</s>``) only.
+``<s> prompt <reserved08706> answer </s>`` with the loss on the answer (and ``</s>``) only; a multi-turn
+conversation repeats it without the ``<s>``: ``<s> u1 <reserved08706> a1 </s> u2 <reserved08706> a2 </s>``.
 
 Malformed sequences never decode silently: ``on_error="raise"`` (default) raises ``DecodeError`` naming
 the position; ``on_error="repair"`` applies the repair policy below and lists every repair it made in
@@ -126,6 +127,33 @@ class EncodedDocument:
         return self.ids.numel()
 
 
+ROLES = ("system", "user", "assistant")
+
+
+def _merge_system(turns: list[tuple[str, Document]]) -> list[tuple[str, Document]]:
+    """The turns with leading system turns prepended to the first user turn; the order checked."""
+    out: list[tuple[str, Document]] = []
+    system: list = []
+    for i, (role, doc) in enumerate(turns):
+        if role not in ROLES:
+            raise ValueError(f"turn {i}: unknown role {role!r}; known: {', '.join(ROLES)}")
+        if role == "system":
+            if out:
+                raise ValueError(f"turn {i}: a system turn must come before the first user turn")
+            system += [*doc.parts, TextPart("\n\n")]
+            continue
+        expected = "user" if not out or out[-1][0] == "assistant" else "assistant"
+        if role != expected:
+            raise ValueError(f"turn {i} is {role}, expected {expected}: user and assistant turns "
+                             "alternate, starting with a user turn")
+        if system:
+            doc, system = Document(system + doc.parts), []
+        out.append((role, doc))
+    if not out:
+        raise ValueError("the conversation has no user turn")
+    return out
+
+
 class DocumentCodec:
     """Encode documents to ids and decode ids to documents.
 
@@ -173,19 +201,40 @@ class DocumentCodec:
     def encode_chat(
         self, prompt: Document, answer: Document, *, prompt_image_mode: str | None = "pad"
     ) -> EncodedDocument:
-        """``<s> prompt <reserved08706> answer </s>``; the loss covers the answer and ``</s>`` only.
+        """``<s> prompt <reserved08706> answer </s>``: a one-turn :meth:`encode_conversation`."""
+        return self.encode_conversation([("user", prompt), ("assistant", answer)],
+                                        prompt_image_mode=prompt_image_mode)
+
+    def encode_conversation(
+        self, turns: list[tuple[str, Document]], *, prompt_image_mode: str | None = "pad"
+    ) -> EncodedDocument:
+        """``<s> u1 <reserved08706> a1 </s> u2 <reserved08706> a2 </s> …``; the loss covers the answers.
+
+        Targets are every assistant token and the ``</s>`` that ends its turn (where generation stops);
+        ``<s>``, user turns and ``<reserved08706>`` are context only. ``system`` turns, allowed before
+        the first user turn only, are prepended to it (a blank line between): the released models have
+        no system-prompt template. User and assistant turns then alternate, starting with a user turn;
+        a last user turn (ending ``<reserved08706>``) is the prompt for generating the next answer.
 
         Prompt images are padded to a square (the paper's SFT recipe keeps whole input images);
         answer images use the image tokenizer's own mode (centre crop by default).
         """
-        if self.vocab.eot_id is None:
+        v = self.vocab
+        if v.eot_id is None:
             raise ValueError("the tokenizer has no end-of-turn token <reserved08706>")
-        p_ids, p_mod = self._encode_parts(prompt, prompt_image_mode)
-        a_ids, a_mod = self._encode_parts(answer, None)
-        ids = [self.vocab.bos_id] + p_ids + [self.vocab.eot_id] + a_ids + [self.vocab.eos_id]
-        mod = [SPECIAL] + p_mod + [SPECIAL] + a_mod + [SPECIAL]
-        n_prompt = len(p_ids) + 2
-        return self._pack(ids, mod, [False] * n_prompt + [True] * (len(a_ids) + 1))
+        merged = _merge_system(turns)
+        # one image-tokenizer call per mode for the whole conversation
+        prompts = self._image_codes(Document([p for r, d in merged if r == "user" for p in d.parts]),
+                                    prompt_image_mode)
+        answers = self._image_codes(Document([p for r, d in merged if r == "assistant" for p in d.parts]),
+                                    None)
+        ids, mod, loss = [v.bos_id], [SPECIAL], [False]
+        for role, doc in merged:
+            t_ids, t_mod = self._encode_parts(doc, None, prompts if role == "user" else answers)
+            ids += t_ids + [v.eot_id if role == "user" else v.eos_id]
+            mod += t_mod + [SPECIAL]
+            loss += [role == "assistant"] * (len(t_ids) + 1)
+        return self._pack(ids, mod, loss)
 
     def image_block(self, codes: torch.Tensor) -> list[int]:
         """``<racm3:break>`` + the code ids + ``<eoss>``."""
@@ -194,8 +243,10 @@ class DocumentCodec:
             raise ValueError(f"an image must have {self.image_seq_len} codes, got {codes.numel()}")
         return [self.vocab.boi_id] + self.vocab.codes_to_ids(codes).tolist() + [self.vocab.eoi_id]
 
-    def _encode_parts(self, doc: Document, image_mode: str | None) -> tuple[list[int], list[int]]:
-        codes = self._image_codes(doc, image_mode)
+    def _encode_parts(self, doc: Document, image_mode: str | None, codes: list[torch.Tensor] | None = None
+                      ) -> tuple[list[int], list[int]]:
+        """Ids and modalities of the parts; ``codes``, when given, are the images' codes (consumed)."""
+        codes = self._image_codes(doc, image_mode) if codes is None else codes
         ids: list[int] = []
         mod: list[int] = []
         for part in doc.parts:

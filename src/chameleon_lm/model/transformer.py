@@ -376,9 +376,18 @@ class Chameleon(nn.Module):
         *,
         positions: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Logits ``[B, T, V]`` (fp32); the arguments are those of ``hidden_states``."""
+        targets: torch.Tensor | None = None,
+        **loss_options,
+    ):
+        """Logits ``[B, T, V]`` (fp32); the arguments are those of ``hidden_states``.
+
+        With ``targets`` ``[B, T]``, the head's fused chunked loss instead (``OutputHead.forward``, which
+        takes ``loss_options``): training goes through ``forward`` so that wrappers such as FSDP2 see
+        one call of the whole model.
+        """
         h = self.hidden_states(input_ids, cache, positions=positions, doc_ids=doc_ids)
+        if targets is not None:
+            return self.output(h, targets, **loss_options)
         return self.output(h).float()
 
     @staticmethod

@@ -9,6 +9,11 @@ for VQGAN training) and two files written here:
 * ``trainer_state.json``: ``{"step", "config", "extra"}``, ``extra`` being JSON the caller needs to
   continue exactly (e.g. where its data stream stands).
 
+The language-model trainer saves through :func:`save_distributed` instead: model and optimizer go
+through ``torch.distributed.checkpoint`` (one ``*.distcp`` file per rank, resharded on load, so a run
+resumes at another world size), each rank's RNG states to ``rng/rank_NNNNN.pt``, and the rest (step,
+schedule, data position, monitor, config) to ``trainer_state.json``.
+
 A folder is complete iff ``trainer_state.json`` exists. Each file is written under a temporary name
 and renamed into place, ``trainer_state.json`` last, and :func:`begin_checkpoint` removes a stale
 one before anything is rewritten, so a save that is killed never leaves a folder that looks complete.
@@ -19,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -150,6 +156,124 @@ def load_training_state(
     if "cuda_rng" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(tensors["cuda_rng"])
     return int(state["step"]), dict(state.get("extra", {}))
+
+
+RNG_DIR = "rng"
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's torch RNG states: CPU, and every CUDA device once CUDA is in use."""
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_distributed(
+    directory: str | os.PathLike,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    rank: int,
+    world_size: int,
+    step: int,
+    state: Mapping[str, Any],
+    write_model_files: Any = None,
+    barrier: Any = lambda: None,
+) -> Path:
+    """Save a training checkpoint from every rank (call it on all of them at once).
+
+    Args:
+        directory: The checkpoint folder.
+        model, optimizer: Plain or FSDP2-sharded; saved with DCP (each rank writes its shards).
+        rank, world_size: This process's place.
+        step: Optimizer steps taken.
+        state: JSON-able state of the run (schedule, data position, config, …), written by rank 0.
+        write_model_files: ``f(directory)`` run on rank 0 before the state file (config, tokenizers).
+        barrier: Waits for every rank (the group's barrier).
+
+    Returns:
+        ``directory``, complete on every rank when this returns.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    directory = Path(directory)
+    if rank == 0:
+        begin_checkpoint(directory)
+        (directory / RNG_DIR).mkdir(exist_ok=True)
+    barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+        warnings.filterwarnings("ignore", message=".*single process")
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=directory, no_dist=world_size == 1)
+    _replace_with(directory / RNG_DIR / f"rank_{rank:05d}.pt", lambda f: torch.save(rng_state(), f))
+    state_json = json.dumps({"step": int(step), "world_size": world_size, **dict(state)}, indent=2) + "\n"
+    barrier()
+    if rank == 0:
+        if write_model_files is not None:
+            write_model_files(directory)
+        _replace_with(directory / STATE_NAME, lambda f: f.write(state_json.encode()))
+    barrier()
+    return directory
+
+
+def load_distributed(
+    directory: str | os.PathLike,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    rank: int,
+    world_size: int,
+) -> dict[str, Any]:
+    """Restore model, optimizer and (at the same world size) this rank's RNG from
+    :func:`save_distributed`'s folder, on every rank; returns its JSON state (``step``, …).
+
+    At another world size the shards are redistributed by DCP and the RNG is left to the caller
+    (``state["world_size"]`` tells), since the saved streams belong to other ranks.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    directory = Path(directory)
+    state = read_state(directory)
+    if not (directory / ".metadata").is_file():
+        raise FileNotFoundError(f"{directory / '.metadata'}: missing (not a distributed training checkpoint)")
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    loaded = {"model": model_sd, "optim": optim_sd}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*single process")
+        dcp.load(loaded, checkpoint_id=directory, no_dist=world_size == 1)
+    set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+    rng = directory / RNG_DIR / f"rank_{rank:05d}.pt"
+    if state.get("world_size") == world_size and rng.is_file():
+        set_rng_state(torch.load(rng, map_location="cpu", weights_only=True))
+    return state
+
+
+def prune_checkpoints(out_dir: str | os.PathLike, keep: int) -> list[Path]:
+    """Delete all but the ``keep`` newest complete checkpoints (and every incomplete one older than
+    the newest complete one); returns what was deleted."""
+    import shutil
+
+    root = Path(out_dir) / "checkpoints"
+    steps = sorted((int(m.group(1)), p) for p in root.glob("step_*")
+                   if (m := _STEP_DIR.fullmatch(p.name)) and p.is_dir())
+    complete = [(s, p) for s, p in steps if (p / STATE_NAME).is_file()]
+    if keep < 1 or not complete:
+        return []
+    kept = {p for _, p in complete[-keep:]}
+    newest = complete[-1][0]
+    gone = [p for s, p in steps if p not in kept and s < newest]
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True)
+    return gone
 
 
 def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:

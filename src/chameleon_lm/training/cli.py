@@ -10,6 +10,9 @@ from pathlib import Path
 
 from chameleon_lm.data.sources import iter_texts, open_source
 from chameleon_lm.tokenizers.text import train_text_tokenizer
+from chameleon_lm.training import builtin
+from chameleon_lm.training.checkpoint import read_state
+from chameleon_lm.training.parallel import shutdown
 from chameleon_lm.training.trainer import Trainer, TrainConfig, latest_checkpoint
 from chameleon_lm.utils.config import apply_overrides, read_config_file
 
@@ -23,27 +26,35 @@ def load_train_config(spec: str, overrides: list[str]) -> TrainConfig:
         base = read_config_file(path)
     else:
         base = TrainConfig.preset(spec).to_dict()
-    return TrainConfig.from_dict(apply_overrides(base, overrides))
+    return TrainConfig.from_dict(builtin.resolve(apply_overrides(base, overrides)))
 
 
 def run_train(args: argparse.Namespace) -> int:
+    """One process, or one rank of a torchrun job (every rank runs this)."""
     config = load_train_config(args.config, args.overrides)
     trainer = Trainer.from_config(config)
-    if args.resume:
-        ckpt = latest_checkpoint(config.out_dir)
-        if ckpt is None:
-            raise FileNotFoundError(f"{config.out_dir}: no checkpoint to resume from")
-        trainer.load_checkpoint(ckpt)
-        print(f"resumed from {ckpt} at step {trainer.step}")
-    stream = trainer.loader.stream
-    sources = ", ".join(f"{name} ({len(ds):,} documents, {ds.num_tokens:,} tokens)"
-                        for name, ds in zip(stream.names, stream.datasets))
-    print(f"model {trainer.model.config.num_params():,} parameters; data: {sources}; "
-          f"{config.steps} steps of {config.batch_size} x {config.seq_len} tokens ({config.packing})")
-    trainer.fit(progress=not args.no_progress)
-    print(f"saved {trainer.save_checkpoint()}")
-    if config.export_dir:
-        print(f"exported the model to {trainer.export(config.export_dir)}")
+    say = print if trainer.dist.is_main else (lambda *a, **k: None)
+    try:
+        if args.resume:
+            ckpt = latest_checkpoint(config.out_dir)
+            if ckpt is None:
+                raise FileNotFoundError(f"{config.out_dir}: no checkpoint to resume from")
+            trainer.load_checkpoint(ckpt)
+            say(f"resumed from {ckpt} at step {trainer.step}")
+        stream = trainer.loader.stream
+        sources = ", ".join(f"{name} ({len(ds):,} documents, {ds.num_tokens:,} tokens)"
+                            for name, ds in zip(stream.names, stream.datasets))
+        say(f"model: {trainer.describe()}; data: {sources}; {config.steps} steps of "
+            f"{config.batch_size} x {config.seq_len} tokens ({config.packing})")
+        trainer.fit(progress=not args.no_progress)
+        if trainer.step != (int(read_state(ckpt)["step"]) if (ckpt := latest_checkpoint(config.out_dir))
+                            else -1):
+            say(f"saved {trainer.save_checkpoint()}")
+        if config.export_dir:
+            trainer.export(config.export_dir)
+            say(f"exported the model ({config.export_format}) to {config.export_dir}")
+    finally:
+        shutdown()
     return 0
 
 
@@ -75,7 +86,11 @@ def run_train_text(args: argparse.Namespace) -> int:
 
 def add_cli(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAction:
     """Register ``train`` and ``tokenizer {train-text}``; returns the tokenizer subparsers."""
-    p = subparsers.add_parser("train", help="train a model on a mixture of token datasets")
+    p = subparsers.add_parser(
+        "train", help="train a model on a mixture of token datasets (under torchrun: every rank)",
+        description="Train or fine-tune. One process: chameleon train CONFIG. Several (FSDP2): torchrun "
+                    "--nproc-per-node N -m chameleon_lm train CONFIG (add --nnodes/--rdzv-endpoint for "
+                    "several machines).")
     p.add_argument("config", help=f"a .toml/.yaml/.json file or a preset ({', '.join(TrainConfig.preset_names())})")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=100 model_overrides.n_layers=4")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")

@@ -1,6 +1,6 @@
 """Training metrics to disk: one JSON line per logged step, and the same numbers for TensorBoard.
 
-Both trainers log through :class:`MetricsLogger`: ``out_dir/<name>_log.jsonl`` is the record that
+Both trainers log through :class:`MetricsLogger`: a JSONL file in ``out_dir`` is the record that
 scripts and tests read, ``out_dir/tensorboard/`` the one people look at
 (``tensorboard --logdir out_dir/tensorboard``).
 """
@@ -24,6 +24,7 @@ class MetricsLogger:
     Args:
         out_dir: The run's folder (created if needed).
         name: Prefix of the log file and of the TensorBoard tags.
+        filename: The JSONL file's name, instead of ``<name>_log.jsonl``.
         purge_step: When a run resumes at step ``k``, pass ``k + 1``: JSON lines and TensorBoard
             events of steps ``>= purge_step`` (written after the checkpoint by the run that was
             interrupted) are dropped, so the log reads as one uninterrupted run. ``0`` starts the
@@ -31,12 +32,12 @@ class MetricsLogger:
     """
 
     def __init__(self, out_dir: str | os.PathLike, name: str = "train",
-                 purge_step: int | None = None) -> None:
+                 purge_step: int | None = None, filename: str | None = None) -> None:
         from torch.utils.tensorboard import SummaryWriter  # deferred: importing tensorboard is slow
 
         self.out_dir, self.name = Path(out_dir), name
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.path = self.out_dir / f"{name}_log.jsonl"
+        self.path = self.out_dir / (filename or f"{name}_log.jsonl")
         if purge_step is not None and self.path.exists():
             _drop_records_from(self.path, purge_step)
         self._file = open(self.path, "a", encoding="utf-8")

@@ -68,7 +68,15 @@ def lm_loss_sums(
     else:
         out = head(hidden_BTD, t, chunk_size=chunk_size, z_loss_weight=z_loss_weight,
                    ignore_index=IGNORE_INDEX)
-    loss, ce, z, logit_norm = out
+    return modality_sums(out, targets_BT, image_mask_BT)
+
+
+def modality_sums(head_out: tuple[torch.Tensor, ...], targets_BT: torch.Tensor,
+                  image_mask_BT: torch.Tensor | None = None) -> LossSums:
+    """:class:`LossSums` from what the head's loss returns (``OutputHead.forward`` with targets, or
+    ``Chameleon.forward`` with ``targets``): the per-token values summed by modality."""
+    loss, ce, z, logit_norm = head_out
+    t = targets_BT.reshape(-1)
     valid = t != IGNORE_INDEX
     image = valid & (image_mask_BT.reshape(-1) if image_mask_BT is not None else torch.zeros_like(valid))
     text = valid & ~image
@@ -79,4 +87,4 @@ def lm_loss_sums(
     )
 
 
-__all__ = ["IGNORE_INDEX", "LossSums", "OutputHead", "lm_loss_sums"]
+__all__ = ["IGNORE_INDEX", "LossSums", "OutputHead", "lm_loss_sums", "modality_sums"]

@@ -1,18 +1,18 @@
-"""Single-process training of a Chameleon model on a mixture of token datasets, with exact resume.
+"""Training a Chameleon model on a mixture of token datasets: one process or many, with exact resume.
 
 The loop follows the paper's pre-training recipe by default: AdamW (β 0.9/0.95, ε 1e-5, weight decay
 0.1 off norms/embeddings), linear warm-up then exponential decay, gradient clipping at 1.0, z-loss
-1e-5·logsumexp², loss = summed CE over target tokens ÷ their count. Distribution (FSDP2), activation
-checkpointing and compilation are applied to the model from outside; the seams are ``Trainer.model``
-(wrap it before training) and the per-step token count (the global normaliser).
+1e-5·logsumexp², loss = summed CE over target tokens ÷ their count over the whole step (every
+micro-batch of every rank). Under ``torchrun`` each rank takes its rows of every batch
+(:class:`~chameleon_lm.data.loader.TrainLoader`) and the model is sharded with FSDP2; activation
+checkpointing, compilation and sharding are applied by :func:`chameleon_lm.training.parallel.parallelize`
+before the optimizer is built.
 
-Checkpoints are model folders (``chameleon_lm.load_model`` reads them) plus the training state of
-:mod:`chameleon_lm.training.checkpoint` (``trainer.pt``: optimizer, schedule and RNG state;
-``trainer_state.json``: step, config, data state). Batches come from a
-:class:`~chameleon_lm.data.loader.TrainLoader` (a mixture of token datasets, packed into rows with
-document masks) whose position is saved with every checkpoint, so a resumed run continues the same
-loss curve. Metrics, and validation CE per modality on held-out token datasets, go to
-``train_log.jsonl`` and TensorBoard (:class:`~chameleon_lm.training.logger.MetricsLogger`).
+Checkpoints (:func:`chameleon_lm.training.checkpoint.save_distributed`) hold the model and optimizer as a
+DCP checkpoint (loadable at another world size, and by ``chameleon_lm.load_model``), every rank's RNG,
+and the schedule, data position and spike-detector state: a resumed run continues the same loss curve.
+Metrics (CE per modality, z-loss, logit and block-output norms, grad norm, tokens/s and MFU per
+device), and validation CE on held-out token datasets, go to ``metrics.jsonl`` and TensorBoard.
 """
 
 from __future__ import annotations
@@ -26,31 +26,34 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from tqdm import tqdm
 
-from chameleon_lm.checkpoints import load_model, save_model
+from chameleon_lm.checkpoints import load_model, save_as, save_model
 from chameleon_lm.data.loader import TrainLoader, validation_batches
 from chameleon_lm.data.mixture import MixtureConfig, MixtureSource
-from chameleon_lm.data.packing import MODES, Batch
+from chameleon_lm.data.packing import IGNORE_INDEX, MODES, Batch
 from chameleon_lm.data.shards import TokenDataset
 from chameleon_lm.model import Chameleon, ChameleonConfig
 from chameleon_lm.tokenizers.image import ImageTokenizer, load_image_tokenizer
 from chameleon_lm.tokenizers.text import TextTokenizer, load_text_tokenizer
+from chameleon_lm.training.adapters import AdapterConfig, apply_adapters, merge_adapters, trainable_parameters
 from chameleon_lm.training.checkpoint import (
-    STATE_NAME,
-    TENSORS_NAME,
-    begin_checkpoint,
     checkpoint_path,
     latest_checkpoint,  # noqa: F401  (re-exported: its home before checkpoint.py)
-    load_training_state,
-    save_training_state,
+    load_distributed,
+    prune_checkpoints,
+    save_distributed,
 )
 from chameleon_lm.training.logger import MetricsLogger
-from chameleon_lm.training.loss import lm_loss_sums
+from chameleon_lm.training.loss import modality_sums
+from chameleon_lm.training.monitor import SPIKE_POLICIES, BlockNorms, SpikeDetector, peak_flops
 from chameleon_lm.training.optim import build_adamw
+from chameleon_lm.training.parallel import DistInfo, all_reduce_sum, barrier, init_distributed, parallelize
+from chameleon_lm.training.parallel import resolve_device  # noqa: F401  (re-exported)
 from chameleon_lm.training.schedule import SCHEDULES
 from chameleon_lm.utils.config import Config
+
+EXPORT_FORMATS = ("native", "hf", "meta")
 
 
 @dataclass
@@ -83,7 +86,10 @@ class TrainConfig(Config):
     """Also save the final model folder here (weights and tokenizers, no optimizer state)."""
     steps: int = 1000
     batch_size: int = 16
-    """Rows per step."""
+    """Rows per optimizer step, all ranks together (a multiple of the number of ranks)."""
+    micro_batch_size: int = 0
+    """Rows per forward pass on each rank; the rank's rows of a step are accumulated in micro-batches
+    of this size (0: all of them at once)."""
     seq_len: int = 4096
     """Tokens per row."""
     packing: str = "packed"
@@ -106,12 +112,33 @@ class TrainConfig(Config):
     """``auto`` (bf16 autocast where the hardware has bf16 matrix units), ``bf16`` or ``fp32``."""
     device: str = "auto"
     seed: int = 0
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward instead of keeping them."""
+    init_device: str = "auto"
+    """Where a fresh model is built: ``cpu`` (every rank builds the same full model, then shards it),
+    ``meta`` (each rank initialises only its shards, for models too big for host memory), ``auto``
+    (``meta`` when distributed on CUDA without ``init_from``)."""
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    """Which parameters train: all (``full``), LoRA adapters, or the image rows of the output head."""
     compile: bool = False
-    """``torch.compile`` each transformer block (``compile_blocks``): fuses the norms, RoPE and SwiGLU
+    """``torch.compile`` each transformer block: fuses the norms, RoPE and SwiGLU
     around the matmuls. Pays off on big models and GPUs; CPU figures are in bench/RESULTS.md."""
     log_every: int = 10
+    """Steps between console lines and block-output-norm measurements."""
     ckpt_every: int = 0
     """Save a checkpoint every N steps (0: only at the end)."""
+    keep_checkpoints: int = 0
+    """Keep only the newest N checkpoints (0: all)."""
+    export_format: str = "native"
+    """Layout of ``export_dir``: ``native`` (ours), ``hf`` (Hugging Face) or ``meta``."""
+    spike_policy: str = "warn"
+    """On a loss spike (over ``spike_threshold`` standard deviations above the last ``spike_window``
+    steps): ``warn``, ``skip`` the update, or ``rollback`` to the last checkpoint and go on with the
+    data after the spike."""
+    spike_window: int = 128
+    spike_threshold: float = 6.0
+    peak_tflops: float = 0.0
+    """Peak dense TFLOP/s of one device for MFU (0: a table for known GPUs, else measured)."""
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -122,6 +149,14 @@ class TrainConfig(Config):
         for name in ("steps", "batch_size", "seq_len", "loss_chunk", "log_every", "val_batches"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.micro_batch_size < 0 or self.keep_checkpoints < 0 or self.peak_tflops < 0:
+            raise ValueError("micro_batch_size, keep_checkpoints and peak_tflops must be >= 0")
+        if self.init_device not in ("auto", "cpu", "meta"):
+            raise ValueError(f"init_device must be auto, cpu or meta, got {self.init_device!r}")
+        if self.spike_policy not in SPIKE_POLICIES:
+            raise ValueError(f"spike_policy must be one of {SPIKE_POLICIES}, got {self.spike_policy!r}")
+        if self.export_format not in EXPORT_FORMATS:
+            raise ValueError(f"export_format must be one of {EXPORT_FORMATS}, got {self.export_format!r}")
         if self.packing not in MODES:
             raise ValueError(f"packing must be one of {MODES}, got {self.packing!r}")
         if self.val_every < 0 or self.ckpt_every < 0:
@@ -155,12 +190,6 @@ def _30b() -> TrainConfig:
 
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def bf16_supported(device: torch.device) -> bool:
     """Whether bf16 matrix maths is fast here (CUDA with bf16, or a CPU with AMX/AVX512-BF16)."""
     if device.type == "cuda":
@@ -170,23 +199,26 @@ def bf16_supported(device: torch.device) -> bool:
     return False
 
 
-def compile_blocks(model: Chameleon) -> None:
-    """``torch.compile`` every transformer block in place, as torchtitan does: parameter names, hence
-    checkpoints, are unchanged, and the blocks share one compiled graph. Sequence lengths that vary
-    between batches compile a dynamic-shape graph after the first change (dynamo's default)."""
-    for block in model.layers:
-        block.compile()
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or gradient norm became NaN/inf; ``checkpoint`` holds the state before that step."""
+
+    def __init__(self, message: str, checkpoint: Path):
+        super().__init__(message)
+        self.checkpoint = checkpoint
 
 
 class Trainer:
-    """Owns the model, optimizer, schedule, data loader and step counter of one run.
+    """Owns the model, optimizer, schedule, data loader and step counter of one run (on this rank).
 
     Args:
         config: The run.
-        model: The model (moved to the run's device).
-        loader: Training batches (its state is saved with every checkpoint).
+        model: The model (plain, on CPU or ``meta``): adapters, activation checkpointing, compilation
+            and FSDP2 are applied here, in that order, before the optimizer is built.
+        loader: This rank's training batches (its state is saved with every checkpoint).
         text_tokenizer, image_tokenizer: Bundled into every checkpoint, so checkpoints load alone.
-        val: Held-out batches by name (see :func:`validation_sets`).
+        val: Held-out batches by name (see :func:`validation_sets`), the same on every rank.
+        dist: Where this process stands (default: a single process on ``config.device``).
     """
 
     def __init__(
@@ -197,47 +229,73 @@ class Trainer:
         text_tokenizer: TextTokenizer | None = None,
         image_tokenizer: ImageTokenizer | None = None,
         val: dict[str, list[Batch]] | None = None,
+        dist: DistInfo | None = None,
     ):
         self.config = config
-        self.device = resolve_device(config.device)
-        self.model = model.to(self.device)
-        if config.compile:
-            compile_blocks(self.model)
+        self.dist = dist or DistInfo(device=resolve_device(config.device))
+        self.device = self.dist.device
+        self.model_config = model.config
         self.loader, self.val = loader, val or {}
         self.text_tokenizer, self.image_tokenizer = text_tokenizer, image_tokenizer
         use_bf16 = config.precision == "bf16" or (
             config.precision == "auto" and bf16_supported(self.device))
-        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
-        self.optimizer = build_adamw(model, config.lr, config.weight_decay, config.betas, config.eps)
+        # Sharded: FSDP2 holds bf16 copies of the fp32 parameters; one process: autocast.
+        self.autocast_dtype = torch.bfloat16 if use_bf16 and not self.dist.distributed else None
+        self.compute_dtype = torch.bfloat16 if use_bf16 else torch.float32
+        if config.adapter.mode != "full":
+            apply_adapters(model, config.adapter, text_tokenizer.vocab if text_tokenizer else None)
+        self.block_norms = BlockNorms(model)  # hooks go on before compile and sharding wrap the blocks
+        on_meta = any(p.is_meta for p in model.parameters())
+        self.model = parallelize(model, self.dist, activation_checkpointing=config.activation_checkpointing,
+                                 compile=config.compile,
+                                 param_dtype=torch.bfloat16 if use_bf16 and self.dist.distributed else None)
+        if on_meta:  # each rank initialises its own shards
+            self.model.to_empty(device=self.device)
+            torch.manual_seed(config.seed)
+            with torch.no_grad():
+                self.model.init_weights()
+        self.optimizer = build_adamw(self.model, config.lr, config.weight_decay, config.betas, config.eps)
         schedule = SCHEDULES[config.schedule]
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             lambda s: schedule(s, config.warmup_steps, config.steps, config.final_lr_ratio),
         )
+        self.spikes = SpikeDetector(config.spike_window, config.spike_threshold)
         self.step = 0
         self.history: list[dict[str, float]] = []
+        self.events: list[str] = []
+        self._flops_per_token = self.model_config.flops_per_token(config.seq_len)
+        self._peak = config.peak_tflops * 1e12 or None
+        if self.dist.distributed:  # dropout differs between ranks, as their rows do
+            torch.manual_seed(config.seed * 1_000_003 + self.dist.rank)
 
     @classmethod
-    def from_config(cls, config: TrainConfig) -> Trainer:
-        """Tokenizers, model (fresh or ``init_from``), loader and held-out sets, as the config says.
+    def from_config(cls, config: TrainConfig, dist: DistInfo | None = None) -> Trainer:
+        """Tokenizers, model (fresh or ``init_from``), this rank's loader and held-out sets, as the config
+        says; joins the torchrun job when there is one.
 
-        The global torch RNG is seeded with ``config.seed`` first, so the initial weights (and dropout)
-        are a function of the config, whatever ran before in the process.
+        The global torch RNG is seeded with ``config.seed`` first, so the initial weights are a function
+        of the config, whatever ran before in the process, and the same on every rank.
         """
+        dist = dist or init_distributed(config.device)
         torch.manual_seed(config.seed)
-        text_tok, image_tok, model = build_model(config)
+        meta = config.init_device == "meta" or (
+            config.init_device == "auto" and dist.distributed and dist.device.type == "cuda"
+            and not config.init_from)
+        text_tok, image_tok, model = build_model(config, meta=meta)
         if config.data is None:
             raise ValueError("the config names no data (data = a token dataset, or [[data.sources]])")
         pad_id = text_tok.vocab.pad_id
         loader = TrainLoader(config.data, seq_len=config.seq_len, batch_size=config.batch_size,
-                             pad_id=pad_id, seed=config.seed, mode=config.packing)
+                             pad_id=pad_id, seed=config.seed, mode=config.packing, rank=dist.rank,
+                             world_size=dist.world_size)
         if loader.stream.vocab_size != len(text_tok):
             raise ValueError(f"the data was tokenized with a vocabulary of {loader.stream.vocab_size} "
                              f"ids, the tokenizer has {len(text_tok)}")
         if len(text_tok) > model.config.vocab_size:
             raise ValueError(f"the tokenizer has {len(text_tok)} ids, the model only "
                              f"{model.config.vocab_size}")
-        return cls(config, model, loader, text_tok, image_tok, validation_sets(config, pad_id))
+        return cls(config, model, loader, text_tok, image_tok, validation_sets(config, pad_id), dist)
 
     # ------------------------------------------------------------------ one step
 
@@ -247,52 +305,123 @@ class Trainer:
         doc_ids = batch.doc_ids.to(self.device) if batch.doc_ids is not None else None
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
-            hidden = self.model.hidden_states(ids, positions=positions, doc_ids=doc_ids)
-            return lm_loss_sums(hidden, self.model.output, batch.targets.to(self.device),
-                                batch.image_targets.to(self.device), chunk_size=self.config.loss_chunk,
-                                z_loss_weight=self.config.z_loss)
+            targets = batch.targets.to(self.device)
+            out = self.model(ids, positions=positions, doc_ids=doc_ids, targets=targets,
+                             chunk_size=self.config.loss_chunk, z_loss_weight=self.config.z_loss,
+                             ignore_index=IGNORE_INDEX)
+            return modality_sums(out, targets, batch.image_targets.to(self.device))
+
+    def _micro_batches(self, batch: Batch) -> list[Batch]:
+        rows = batch.input_ids.shape[0]
+        size = self.config.micro_batch_size or rows
+        if rows == 0:
+            return [_empty_row(batch, self.text_tokenizer)]  # a rank with no rows still joins the collectives
+        return [_rows(batch, slice(s, s + size)) for s in range(0, rows, size)]
 
     def train_step(self) -> dict[str, float]:
+        """One optimizer step over this rank's micro-batches; metrics are over all ranks."""
         cfg = self.config
         self.model.train()
-        batch = self.loader.next_batch(self.step)
         t0 = time.perf_counter()
-        sums = self._losses(batch)
-        n = sums.n.clamp(min=1)
-        loss = sums.loss / n
+        batch = self.loader.next_batch(self.step)
+        micro = self._micro_batches(batch)
+        # The step's normaliser: target tokens over every micro-batch of every rank.
+        n_global = all_reduce_sum(torch.tensor(float(batch.num_targets), device=self.device), self.dist)
+        n_global = n_global.clamp(min=1)
+        measure = (self.step + 1) % cfg.log_every == 0 or self.step == 0
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        totals = torch.zeros(8, dtype=torch.float64, device=self.device)
+        for i, mb in enumerate(micro):
+            if self.dist.distributed:  # reduce-scatter the gradients once, after the last micro-batch
+                self.model.set_requires_gradient_sync(i == len(micro) - 1)
+            self.block_norms.recording = measure
+            sums = self._losses(mb)
+            self.block_norms.recording = False  # not while activation checkpointing recomputes
+            (sums.loss / n_global).backward()
+            totals += torch.stack([sums.ce, sums.z, sums.n, sums.ce_text, sums.n_text, sums.ce_image,
+                                   sums.n_image, sums.logit_norm]).detach().double()
+        totals = all_reduce_sum(totals, self.dist)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for p in self.model.parameters() if p.requires_grad], cfg.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+            grad_norm = grad_norm.full_tensor()
+        ce, z, n, ce_text, n_text, ce_image, n_image, logit_norm = totals.tolist()
+        n = max(n, 1.0)
+        loss = (ce + cfg.z_loss * z) / n
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
+        metrics = {
+            "step": self.step + 1, "loss": loss, "ce": ce / n, "z_loss": z / n,
+            "ce_text": ce_text / n_text if n_text else math.nan,
+            "ce_image": ce_image / n_image if n_image else math.nan,
+            "logit_norm": logit_norm / n, "grad_norm": float(grad_norm), "lr": lr, "tokens": int(n),
+        }
+        if not (math.isfinite(loss) and math.isfinite(metrics["grad_norm"])):
+            self.optimizer.zero_grad(set_to_none=True)
+            ckpt = self.save_checkpoint()
+            raise NonFiniteLossError(
+                f"non-finite loss or gradient at step {self.step + 1} (loss {loss}, grad norm "
+                f"{metrics['grad_norm']}); the state before it is saved in {ckpt}. Resume from it with a "
+                "lower lr, a higher z_loss or more warm-up.", ckpt)
+        spike = self.spikes.observe(loss)
+        metrics["spike"] = float(spike)
+        if spike and cfg.spike_policy == "skip":
+            self.optimizer.zero_grad(set_to_none=True)  # no update from this batch
+            self.events.append(f"step {self.step + 1}: loss spike {loss:.4f}, update skipped")
+        else:
+            self.optimizer.step()
         self.scheduler.step()
         self.step += 1
+        if measure:
+            norms = self.block_norms.pop().to(self.device)
+            norms = all_reduce_sum(norms.double(), self.dist) / self.dist.world_size
+            metrics.update({f"block_norm/{i}": float(v) for i, v in enumerate(norms.tolist())})
         dt = time.perf_counter() - t0
-        slots = batch.input_ids.numel()
-        metrics = {
-            "step": self.step, "loss": loss.item(), "ce": (sums.ce / n).item(),
-            "z_loss": (sums.z / n).item(),
-            "ce_text": (sums.ce_text / sums.n_text).item() if sums.n_text else math.nan,
-            "ce_image": (sums.ce_image / sums.n_image).item() if sums.n_image else math.nan,
-            "grad_norm": grad_norm.item(), "lr": lr, "tokens": int(sums.n),
-            "tokens_per_s": (slots - batch.num_pad) / dt, "padding": batch.num_pad / slots,
-        }
-        if not math.isfinite(metrics["loss"]):
-            raise FloatingPointError(f"non-finite loss at step {self.step}: {metrics}")
+        real = all_reduce_sum(torch.tensor(float(batch.input_ids.numel() - batch.num_pad)), self.dist)
+        slots = all_reduce_sum(torch.tensor(float(batch.input_ids.numel())), self.dist)
+        per_device = float(real) / dt / self.dist.world_size
+        metrics.update({"tokens_per_s": float(real) / dt, "tokens_per_s_per_device": per_device,
+                        "mfu": per_device * self._flops_per_token / self.peak_flops(),
+                        "padding": 1 - float(real) / max(float(slots), 1.0)})
+        if self.device.type == "cuda":
+            metrics["max_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        if spike and cfg.spike_policy == "warn":
+            self.events.append(f"step {self.step}: loss spike {loss:.4f} (policy warn)")
         self.history.append(metrics)
+        if spike and cfg.spike_policy == "rollback":
+            self._rollback(loss)
         return metrics
+
+    def peak_flops(self) -> float:
+        if self._peak is None:
+            self._peak = peak_flops(self.device, self.compute_dtype)
+        return self._peak
+
+    def _rollback(self, loss: float) -> None:
+        ckpt = latest_checkpoint(self.config.out_dir)
+        if ckpt is None:
+            self.events.append(f"step {self.step}: loss spike {loss:.4f}, no checkpoint to roll back to")
+            return
+        data, spikes = self.loader.state_dict(), self.spikes.state_dict()
+        self.load_checkpoint(ckpt)
+        self.loader.load_state_dict(data)  # go on with the data after the spike, as PaLM did
+        self.spikes.load_state_dict(spikes)
+        self.events.append(f"loss spike {loss:.4f}: rolled back to {ckpt.name}, data continues after it")
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         """CE (all, text, image targets) of every held-out set: ``val/<name>/ce`` …"""
         self.model.eval()
         out: dict[str, float] = {}
+        r, w = self.dist.rank, self.dist.world_size
         for name, batches in self.val.items():
-            ce = ce_text = ce_image = n = n_text = n_image = 0.0
+            totals = torch.zeros(6, dtype=torch.float64, device=self.device)
             for batch in batches:
-                s = self._losses(batch)
-                ce, ce_text, ce_image = ce + float(s.ce), ce_text + float(s.ce_text), ce_image + float(s.ce_image)
-                n, n_text, n_image = n + float(s.n), n_text + float(s.n_text), n_image + float(s.n_image)
+                rows = batch.input_ids.shape[0]
+                share = -(-rows // w)
+                for mb in self._micro_batches(_rows(batch, slice(r * share, (r + 1) * share))):
+                    s = self._losses(mb)
+                    totals += torch.stack([s.ce, s.ce_text, s.ce_image, s.n, s.n_text, s.n_image]).double()
+            ce, ce_text, ce_image, n, n_text, n_image = all_reduce_sum(totals, self.dist).tolist()
             out[f"val/{name}/ce"] = ce / n if n else math.nan
             out[f"val/{name}/ce_text"] = ce_text / n_text if n_text else math.nan
             out[f"val/{name}/ce_image"] = ce_image / n_image if n_image else math.nan
@@ -303,20 +432,29 @@ class Trainer:
         log: Callable[[str], None] | None = print,
     ) -> list[dict[str, float]]:
         """Train up to ``steps`` (default: the config's), logging, validating and checkpointing as
-        configured."""
+        configured. Only rank 0 logs and prints."""
         cfg = self.config
         end = steps if steps is not None else cfg.steps
+        main = self.dist.is_main
         out = Path(cfg.out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        bar = tqdm(total=end, initial=self.step, disable=not progress, desc="train", unit="step")
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+        log = log if main else None
+        bar = tqdm(total=end, initial=self.step, disable=not (progress and main), desc="train", unit="step")
         # Past step 0, lines of later steps are from a run that died after this checkpoint.
         purge = self.step + 1 if self.step else None
-        with MetricsLogger(out, "train", purge_step=purge) as logger:
+        logger = MetricsLogger(out, "train", purge_step=purge, filename="metrics.jsonl") if main else None
+        try:
             while self.step < end:
                 m = self.train_step()
                 if self.val and ((cfg.val_every and self.step % cfg.val_every == 0) or self.step == end):
                     m.update(self.validate())
-                logger.log(self.step, m)
+                if logger:
+                    logger.log(self.step, m)
+                for event in self.events:
+                    if log:
+                        log(event)
+                self.events.clear()
                 bar.update(1)
                 bar.set_postfix(loss=f"{m['ce']:.3f}", img=f"{m['ce_image']:.3f}",
                                 txt=f"{m['ce_text']:.3f}")
@@ -324,10 +462,14 @@ class Trainer:
                     val = "".join(f", {k} {v:.4f}" for k, v in m.items() if k.startswith("val/"))
                     log(f"step {self.step}: ce {m['ce']:.4f} (text {m['ce_text']:.4f}, image "
                         f"{m['ce_image']:.4f}) z {m['z_loss']:.2f} grad {m['grad_norm']:.3f} "
-                        f"lr {m['lr']:.2e} {m['tokens_per_s']:.0f} tok/s{val}")
+                        f"lr {m['lr']:.2e} {m['tokens_per_s_per_device']:.0f} tok/s/device "
+                        f"MFU {m['mfu']:.1%}{val}")
                 if cfg.ckpt_every and self.step % cfg.ckpt_every == 0:
                     self.save_checkpoint()
-        bar.close()
+        finally:
+            bar.close()
+            if logger:
+                logger.close()
         return self.history
 
     # ------------------------------------------------------------------ checkpoints
@@ -343,37 +485,105 @@ class Trainer:
         """Continue the data stream where :meth:`data_state` left it."""
         self.loader.load_state_dict(state)
 
-    def export(self, directory: str | os.PathLike) -> Path:
-        """Save the model folder alone (weights and tokenizers): what ``load_model`` and
-        ``chameleon generate --model`` take."""
-        save_model(directory, self.model, self.text_tokenizer, self.image_tokenizer)
-        return Path(directory)
-
     def save_checkpoint(self, directory: str | os.PathLike | None = None) -> Path:
-        """A model folder (loadable by ``load_model`` when tokenizers are known) + training state."""
-        directory = begin_checkpoint(directory if directory is not None else self.checkpoint_dir())
-        save_model(directory, self.model, self.text_tokenizer, self.image_tokenizer)
-        return save_training_state(
-            directory, step=self.step, optimizers={"optimizer": self.optimizer},
-            schedulers={"scheduler": self.scheduler}, extra={"data": self.data_state()},
-            config=self.config.to_dict())
+        """Model + optimizer (DCP), RNG of every rank, and the run's state; call it on every rank.
+
+        The folder is also a model folder (config and tokenizers beside the DCP weights), so
+        ``load_model`` and ``chameleon generate --model`` take it, in one process.
+        """
+        directory = Path(directory if directory is not None else self.checkpoint_dir())
+        state = {"config": self.config.to_dict(), "scheduler": self.scheduler.state_dict(),
+                 "extra": {"data": self.data_state()}, "spikes": self.spikes.state_dict()}
+        plain = self.config.adapter.mode == "full"
+
+        def model_files(d: Path) -> None:
+            save_model(d, _config_only(self.model_config), self.text_tokenizer, self.image_tokenizer,
+                       weights=False)
+            if not plain:
+                (d / "config.json").rename(d / "config.adapter.json")  # not a plain model's weights
+
+        save_distributed(directory, model=self.model, optimizer=self.optimizer, rank=self.dist.rank,
+                         world_size=self.dist.world_size, step=self.step, state=state,
+                         write_model_files=model_files, barrier=lambda: barrier(self.dist))
+        if self.dist.is_main and self.config.keep_checkpoints:
+            prune_checkpoints(self.config.out_dir, self.config.keep_checkpoints)
+        return directory
 
     def load_checkpoint(self, directory: str | os.PathLike) -> None:
         """Restore weights, optimizer, schedule, RNG, data state and step from
-        :meth:`save_checkpoint`'s folder."""
+        :meth:`save_checkpoint`'s folder (saved at any world size); call it on every rank."""
         directory = Path(directory)
-        for name in ("model.safetensors", TENSORS_NAME, STATE_NAME):  # before anything changes
-            if not (directory / name).is_file():
-                raise FileNotFoundError(f"{directory / name}: missing (not a complete training "
-                                        "checkpoint)")
-        self.model.load_state_dict(load_file(directory / "model.safetensors", device=str(self.device)))
-        self.step, extra = load_training_state(directory, {"optimizer": self.optimizer},
-                                               {"scheduler": self.scheduler})
-        self.load_data_state(extra.get("data", {}))
+        state = load_distributed(directory, model=self.model, optimizer=self.optimizer,
+                                 rank=self.dist.rank, world_size=self.dist.world_size)
+        self.step = int(state["step"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.spikes.load_state_dict(state.get("spikes", self.spikes.state_dict()))
+        self.load_data_state(state.get("extra", {}).get("data", {}))
+        if state.get("world_size") != self.dist.world_size:  # the saved RNG streams were other ranks'
+            torch.manual_seed(self.config.seed * 1_000_003 + self.dist.rank + 7919 * self.step)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The whole model's state dict on CPU on rank 0 (gathered from the shards), None elsewhere."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        if not self.dist.distributed:
+            return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
+                                                                          cpu_offload=True))
+        return state if self.dist.is_main else None
+
+    def export(self, directory: str | os.PathLike, layout: str | None = None) -> Path:
+        """Save the model alone (weights and tokenizers, adapters merged) in ``layout`` (default: the
+        config's ``export_format``); call it on every rank, rank 0 writes."""
+        state = self.full_state_dict()
+        if state is not None:
+            with torch.device("meta"):
+                plain = Chameleon(self.model_config)
+            if self.config.adapter.mode != "full":
+                apply_adapters(plain, self.config.adapter, self.text_tokenizer.vocab if self.text_tokenizer
+                               else None)
+            plain.load_state_dict(state, assign=True)
+            merge_adapters(plain)
+            from chameleon_lm.checkpoints.native import bundle
+
+            loaded = bundle(plain.float(), self.text_tokenizer, self.image_tokenizer, Path(directory))
+            save_as(layout or self.config.export_format, directory, loaded)
+        barrier(self.dist)
+        return Path(directory)
+
+    def describe(self) -> str:
+        trainable, total = trainable_parameters(self.model)
+        return (f"{total:,} parameters ({trainable:,} trained, adapter {self.config.adapter.mode}); "
+                f"{self.dist.world_size} process(es) on {self.device.type}")
 
 
-def build_model(config: TrainConfig) -> tuple[TextTokenizer, ImageTokenizer | None, Chameleon]:
-    """The run's tokenizers and model: a fresh ``model`` preset, or the weights of ``init_from``."""
+def _config_only(config: ChameleonConfig):
+    """What ``save_model(..., weights=False)`` needs of a model: its config."""
+    holder = torch.nn.Module()
+    holder.config = config
+    return holder
+
+
+def _rows(batch: Batch, rows: slice) -> Batch:
+    return Batch(input_ids=batch.input_ids[rows], targets=batch.targets[rows],
+                 image_targets=batch.image_targets[rows], positions=batch.positions[rows],
+                 doc_ids=None if batch.doc_ids is None else batch.doc_ids[rows], lengths=batch.lengths[rows])
+
+
+def _empty_row(batch: Batch, tok: TextTokenizer | None) -> Batch:
+    """One row of pad slots with no targets, shaped like ``batch``'s rows."""
+    T = batch.input_ids.shape[1] or 1
+    pad = tok.vocab.pad_id if tok is not None else 0
+    return Batch(input_ids=torch.full((1, T), pad), targets=torch.full((1, T), IGNORE_INDEX),
+                 image_targets=torch.zeros(1, T, dtype=torch.bool), positions=torch.arange(T)[None],
+                 doc_ids=None if batch.doc_ids is None else torch.zeros(1, T, dtype=torch.int32),
+                 lengths=torch.zeros(1, dtype=torch.long))
+
+
+def build_model(config: TrainConfig, meta: bool = False
+                ) -> tuple[TextTokenizer, ImageTokenizer | None, Chameleon]:
+    """The run's tokenizers and model: a fresh ``model`` preset (on the meta device when ``meta``), or
+    the weights of ``init_from``."""
     loaded = None
     if config.init_from:
         loaded = load_model(config.init_from, dtype=torch.float32)
@@ -386,11 +596,15 @@ def build_model(config: TrainConfig) -> tuple[TextTokenizer, ImageTokenizer | No
     else:
         raise ValueError("the config names no tokenizers (tokenizers = a folder with tokenizer.json)")
     if loaded is None:
+        if meta:
+            with torch.device("meta"):
+                return text_tok, image_tok, Chameleon(config.model_config(len(text_tok)))
         return text_tok, image_tok, Chameleon(config.model_config(len(text_tok)))
     model_config = loaded.config.replace(**config.model_overrides)
-    model = Chameleon(model_config)
+    with torch.device("meta"):
+        model = Chameleon(model_config)
     try:
-        model.load_state_dict(loaded.model.state_dict())
+        model.load_state_dict(loaded.model.state_dict(), assign=True)
     except RuntimeError as e:
         raise ValueError(f"model_overrides {config.model_overrides} do not fit the weights of "
                          f"{config.init_from}: {e}") from e

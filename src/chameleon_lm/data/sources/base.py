@@ -7,12 +7,15 @@ never raises on bad data; a sample that cannot be used becomes a :class:`Skipped
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import os
 import re
+import urllib.parse
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -23,7 +26,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
 FORMATS = ("webdataset", "files", "parquet", "jsonl")
-KINDS = ("pairs", "text", "interleaved")
+KINDS = ("pairs", "text", "interleaved", "messages")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 """Image file extensions, in the order a sample with several of them picks its image."""
 IMAGE_FIELDS = ("image", "jpg", "png", "webp", "image_bytes", "bytes")
@@ -64,6 +67,9 @@ class Sample:
     meta: dict[str, Any]
     """Scalar metadata (str, int, float, bool, None) of the sample: sidecar JSON fields, other columns
     or other JSONL fields; nested and long values are left out."""
+    roles: list[str] | None = None
+    """``messages`` only: the role (``system``, ``user``, ``assistant``) of each segment; a turn is a run
+    of segments of one role. ``None`` for the other kinds."""
 
 
 @dataclass
@@ -90,9 +96,10 @@ class SourceConfig(Config):
     """``webdataset``, ``files``, ``parquet`` or ``jsonl``; ``auto``: by extension, or for a folder by
     what it holds (tar shards, else image files, else parquet or JSONL files)."""
     kind: str = "auto"
-    """``pairs``, ``text`` or ``interleaved``; ``auto``: pairs for tar shards and files folders; for
-    JSONL and parquet interleaved with ``texts``/``images`` fields, else pairs with an image field,
-    else text."""
+    """``pairs``, ``text``, ``interleaved`` or ``messages`` (conversations, JSONL and parquet only);
+    ``auto``: pairs for tar shards and files folders; for JSONL and parquet interleaved with
+    ``texts``/``images`` fields, else messages with a ``messages`` list, else pairs with an image
+    field, else text."""
     text_field: str = "text"
     """The text field of text JSONL/parquet; also a pair's caption where ``caption_field`` is absent."""
     caption_field: str = "caption"
@@ -125,7 +132,7 @@ class Source(Protocol):
 
     config: SourceConfig
     kind: str
-    """The resolved kind: ``pairs``, ``text`` or ``interleaved``."""
+    """The resolved kind: ``pairs``, ``text``, ``interleaved`` or ``messages``."""
 
     def units(self) -> list[str]:
         """Unit names covering the whole dataset, ordered by file and by position in the file."""
@@ -266,6 +273,131 @@ def resolve_image(value: Any, folder: str, allow_remote: bool, what: str) -> Ima
             return ImageRef(data=f.read())
     except FileNotFoundError:
         raise SkipSample("missing_image", f"{what}: no such file {url}") from None
+
+
+MESSAGES_FIELD = "messages"
+MESSAGE_ROLES = ("system", "user", "assistant")
+
+
+def is_messages(config: SourceConfig, names: list[str], is_list: Callable[[str], bool]) -> bool:
+    """Whether records with these fields are conversations: ``kind`` says so, or is ``auto`` and the
+    records have a ``messages`` list (and not the interleaved ``texts``/``images`` fields)."""
+    if config.kind != "auto":
+        return config.kind == "messages"
+    return MESSAGES_FIELD in names and is_list(MESSAGES_FIELD) and not {"texts", "images"} <= set(names)
+
+
+class MessagesFormat:
+    """Conversation records (the ``messages`` kind): an OpenAI-style ``messages`` list as segments + roles.
+
+    A message is ``{"role": "system" | "user" | "assistant", "content": ...}``, its content a string or a
+    list of parts: ``{"type": "text", "text"}``, ``{"type": "image_url", "image_url": {"url"}}`` (a
+    ``data:`` URL, a path relative to the file's folder, or an http(s) URL, refused unless
+    ``allow_remote``) or ``{"type": "image", "image" | "bytes" | "path" | "url": ...}`` (bytes, a path, a
+    URL or the Hugging Face ``{"bytes", "path"}`` struct). Consecutive messages of one role make one
+    turn, a blank line between them, since the token layout has no boundary there; system messages come
+    before the first user message. A string ``category`` field (the SFT data category) stays in the
+    metadata like any scalar field, so mixtures can weight by it.
+    """
+
+    kind = "messages"
+    used = (MESSAGES_FIELD,)
+
+    def __init__(self, config: SourceConfig):
+        self.allow_remote = config.allow_remote
+
+    def parse(self, record: dict[str, Any], key: str, folder: str) -> tuple[list[str | ImageRef], list[str]]:
+        """The segments of one conversation and the role of each.
+
+        Raises:
+            SkipSample: ``bad_record``, ``unknown_role``, ``assistant_first``, ``misplaced_system``,
+                ``empty_turn``, ``no_assistant``, ``bad_image_data`` (a ``data:`` URL that does not
+                decode), ``undecodable_text``, ``missing_image`` or ``remote_image_refused``.
+        """
+        messages = record.get(MESSAGES_FIELD)
+        if not isinstance(messages, list):
+            raise SkipSample("bad_record", f"{key}: {MESSAGES_FIELD!r} is not a list")
+        category = record.get("category")
+        if category is not None and not isinstance(category, str):
+            raise SkipSample("bad_record", f"{key}: 'category' is a {type(category).__name__}, not a string")
+        segments: list[str | ImageRef] = []
+        roles: list[str] = []
+        for i, message in enumerate(messages):
+            what = f"{key} message {i}"
+            if not isinstance(message, dict):
+                raise SkipSample("bad_record", f"{what} is not an object")
+            role = message.get("role")
+            if role not in MESSAGE_ROLES:
+                raise SkipSample("unknown_role", f"{what}: role {role!r} is not system, user or assistant")
+            if role == "assistant" and "user" not in roles:
+                raise SkipSample("assistant_first", f"{what}: an assistant message before any user message")
+            if role == "system" and "user" in roles:
+                raise SkipSample("misplaced_system", f"{what}: a system message after a user message")
+            content = self._content(message.get("content"), what, folder)
+            if not any(not isinstance(c, str) or c.strip() for c in content):
+                raise SkipSample("empty_turn", f"{what}: no text and no image")
+            if roles and roles[-1] == role:
+                segments.append("\n\n")
+                roles.append(role)
+            segments += content
+            roles += [role] * len(content)
+        if "assistant" not in roles:
+            raise SkipSample("no_assistant", f"{key}: no assistant message to train on")
+        return segments, roles
+
+    def _content(self, value: Any, what: str, folder: str) -> list[str | ImageRef]:
+        if value is None or isinstance(value, (str, bytes)):
+            text = decode_text(value, what)
+            return [text] if text else []
+        if not isinstance(value, list):
+            raise SkipSample("bad_record", f"{what}: content is a {type(value).__name__}, not text or a list")
+        out: list[str | ImageRef] = []
+        for j, part in enumerate(value):
+            where = f"{what} part {j}"
+            part = {"type": "text", "text": part} if isinstance(part, str) else part
+            if not isinstance(part, dict):
+                raise SkipSample("bad_record", f"{where} is not an object")
+            if part.get("type") == "text":
+                text = decode_text(part.get("text"), where)
+                out += [text] if text else []
+            elif part.get("type") == "image_url":
+                url = part.get("image_url")
+                out.append(self._image(url.get("url") if isinstance(url, dict) else url, where, folder))
+            elif part.get("type") == "image":
+                found = (part[k] for k in ("image", "bytes", "path", "url") if part.get(k) is not None)
+                out.append(self._image(next(found, None), where, folder))
+            else:
+                raise SkipSample("bad_record", f"{where}: unknown content type {part.get('type')!r}")
+        return out
+
+    def _image(self, value: Any, what: str, folder: str) -> ImageRef:
+        if value is None:
+            raise SkipSample("bad_record", f"{what}: an image part without an image")
+        if isinstance(value, str) and value.startswith("data:"):
+            return ImageRef(data=data_url_bytes(value, what))
+        return resolve_image(value, folder, self.allow_remote, what)
+
+
+def data_url_bytes(url: str, what: str) -> bytes:
+    """The bytes of an image ``data:`` URL (base64 or percent-encoded).
+
+    Raises:
+        SkipSample: ``bad_image_data``: not an image data URL, bad base64, or no bytes.
+    """
+    header, comma, payload = url[len("data:"):].partition(",")
+    media = header.split(";")[0]
+    if not comma or (media and not media.startswith("image/")):
+        raise SkipSample("bad_image_data", f"{what}: not an image data URL ({url[:40]}...)")
+    try:
+        if header.endswith(";base64"):
+            data = base64.b64decode("".join(payload.split()), validate=True)
+        else:
+            data = urllib.parse.unquote_to_bytes(payload)
+    except (binascii.Error, ValueError) as e:
+        raise SkipSample("bad_image_data", f"{what}: the data URL does not decode ({e})") from None
+    if not data:
+        raise SkipSample("bad_image_data", f"{what}: the data URL holds no bytes")
+    return data
 
 
 def load_image(ref: ImageRef, *, allow_remote: bool = False) -> Image.Image:

@@ -1,4 +1,5 @@
-"""JSONL: text corpora (``{"text": ...}``), OBELICS-style interleaved documents and image-caption pairs.
+"""JSONL: text corpora (``{"text": ...}``), OBELICS-style interleaved documents, image-caption pairs and
+conversations (``{"messages": [...]}``, see ``base.MessagesFormat``).
 
 An interleaved document has aligned ``texts`` and ``images`` lists with one non-null entry per
 position; images are paths relative to the JSONL file's folder, or http(s) URLs (refused unless
@@ -15,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from chameleon_lm.data.sources import paths
 from chameleon_lm.data.sources.base import (
-    Sample, SkipSample, Skipped, SourceConfig, UnitSource, png_bytes, scalar_meta,
+    MessagesFormat, Sample, SkipSample, Skipped, SourceConfig, UnitSource, is_messages, png_bytes,
+    scalar_meta,
 )
 from chameleon_lm.data.sources.records import RecordFormat
 
@@ -36,8 +38,12 @@ class JsonlSource(UnitSource):
         self._offsets: dict[str, list[int]] = {}
         first = self._first_record()
         where = first[0] if first else self._files[0]
-        self.records = RecordFormat(config, first[1] if first else None,
-                                    lambda name: isinstance(first[1][name], (str, dict)), where)
+        names = list(first[1]) if first else []
+        if is_messages(config, names, lambda name: isinstance(first[1][name], list)):
+            self.records = MessagesFormat(config)
+        else:
+            self.records = RecordFormat(config, first[1] if first else None,
+                                        lambda name: isinstance(first[1][name], (str, dict)), where)
         super().__init__(config, self.records.kind)
 
     def _first_record(self) -> tuple[str, dict[str, Any]] | None:
@@ -108,10 +114,11 @@ class JsonlSource(UnitSource):
                 raise SkipSample("bad_record", f"{key}: not valid JSON ({e})") from None
             if not isinstance(record, dict):
                 raise SkipSample("bad_record", f"{key}: not a JSON object")
-            segments = self.records.parse(record, key, folder)
+            parsed = self.records.parse(record, key, folder)
         except SkipSample as e:
             return Skipped(key, e.reason, e.detail)
-        return Sample(key, segments, scalar_meta(record, exclude=self.records.used))
+        segments, roles = parsed if self.kind == "messages" else (parsed, None)
+        return Sample(key, segments, scalar_meta(record, exclude=self.records.used), roles)
 
 
 def write_obelics_jsonl(path: str | Path,

@@ -2,8 +2,9 @@
 
 Pairs have an image column (bytes, a path/URL, or the Hugging Face ``Image`` struct ``{"bytes",
 "path"}``) and a caption column; text tables a ``text_field`` column; interleaved tables ``texts`` and
-``images`` list columns. One unit per row group, named ``"FILE#rgN"``; only the columns a sample uses
-and the scalar ones (its metadata) are read.
+``images`` list columns; conversation tables a ``messages`` list column (see ``base.MessagesFormat``).
+One unit per row group, named ``"FILE#rgN"``; only the columns a sample uses and the scalar ones (its
+metadata) are read.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 from chameleon_lm.data.sources import paths
 from chameleon_lm.data.sources.base import (
-    Sample, SkipSample, Skipped, SourceConfig, UnitSource, scalar_meta,
+    MessagesFormat, Sample, SkipSample, Skipped, SourceConfig, UnitSource, is_messages, scalar_meta,
 )
 from chameleon_lm.data.sources.records import RecordFormat
 
@@ -49,6 +50,12 @@ def _is_image_type(arrow_type: Any) -> bool:
             or pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type))
 
 
+def _is_list_type(arrow_type: Any) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type)
+
+
 def _is_scalar_type(arrow_type: Any) -> bool:
     import pyarrow as pa
 
@@ -66,9 +73,12 @@ class ParquetSource(UnitSource):
         self._files = paths.find_files(config.path, PARQUET_SUFFIXES, "parquet files")
         self._layout: dict[str, tuple[list[int], Any]] = {}
         schema = self._file_layout(self._files[0])[1]
-        self.records = RecordFormat(config, schema.names,
-                                    lambda name: _is_image_type(schema.field(name).type),
-                                    self._files[0])
+        if is_messages(config, schema.names, lambda name: _is_list_type(schema.field(name).type)):
+            self.records = MessagesFormat(config)
+        else:
+            self.records = RecordFormat(config, schema.names,
+                                        lambda name: _is_image_type(schema.field(name).type),
+                                        self._files[0])
         super().__init__(config, self.records.kind)
 
     def _file_layout(self, path: str) -> tuple[list[int], Any]:
@@ -121,7 +131,8 @@ class ParquetSource(UnitSource):
 
     def _sample(self, key: str, record: dict[str, Any], folder: str) -> Sample | Skipped:
         try:
-            segments = self.records.parse(record, key, folder)
+            parsed = self.records.parse(record, key, folder)
         except SkipSample as e:
             return Skipped(key, e.reason, e.detail)
-        return Sample(key, segments, scalar_meta(record, exclude=self.records.used))
+        segments, roles = parsed if self.kind == "messages" else (parsed, None)
+        return Sample(key, segments, scalar_meta(record, exclude=self.records.used), roles)
