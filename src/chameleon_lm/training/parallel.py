@@ -105,6 +105,8 @@ def parallelize(model: nn.Module, info: DistInfo, *, activation_checkpointing: b
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
+            if info.device.type == "cpu":  # gloo has no PREMUL_SUM: plain sums, scaled apart
+                module.set_force_sum_reduction_for_comms(True)
     return model
 
 
