@@ -23,7 +23,6 @@ from chameleon_lm import Chameleon, ChameleonConfig
 from chameleon_lm.checkpoints.hf import native_to_hf
 from chameleon_lm.training.loss import lm_loss_sums
 from chameleon_lm.training.optim import build_adamw
-from chameleon_lm.training.trainer import compile_blocks
 
 
 def hf_twin(model: Chameleon) -> torch.nn.Module:
@@ -60,7 +59,7 @@ def main() -> None:
 
     def our_step(model, opt, dtype):
         with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
-            s = lm_loss_sums(model.hidden_states(inputs), model.output.weight, targets, z_loss_weight=1e-5)
+            s = lm_loss_sums(model.hidden_states(inputs), model.output, targets, z_loss_weight=1e-5)
             loss = s.loss / s.n
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -74,7 +73,8 @@ def main() -> None:
         opt.step()
 
     compiled = copy.deepcopy(ours)
-    compile_blocks(compiled)
+    for block in compiled.layers:
+        block.compile()
     rows = []
     for name, dtype in (("fp32", None), ("bf16 autocast", torch.bfloat16)):
         if name.split()[0] not in args.precision:

@@ -134,7 +134,7 @@ def test_image_head_only_trains_exactly_the_rows(vocab):
     apply_adapters(model, AdapterConfig(mode="image-head"), vocab)
     assert isinstance(model.output, ImageRowsHead)
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["output.trained_rows"]
-    assert set(model.state_dict()) == set(original) | {"output.trained_rows"}  # `rows` is not persistent
+    assert set(model.state_dict()) == set(original) | {"output.trained_rows", "output.rows"}
     opt = train(model, weight_decay=0.1)
     decay, no_decay = opt.param_groups
     assert [p for g in opt.param_groups for p in g["params"]] == [model.output.trained_rows]

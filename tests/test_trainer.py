@@ -60,9 +60,9 @@ def train_config(tmp_path, setup, dropout=0.0, compile=False, **kw):
     mixture = MixtureConfig(sources=[MixtureSource("pairs", paths["pairs"], 1.0),
                                      MixtureSource("chat", paths["chat"], 0.05)])
     kw.setdefault("model_overrides", {"vocab_size": len(tok), "dropout": dropout})
+    kw = {"lr": 3e-3, **kw}
     return TrainConfig(model="tiny", data=mixture, tokenizers=paths["tokenizers"], steps=40, batch_size=4, seq_len=64,
-                       lr=3e-3, warmup_steps=5, out_dir=str(tmp_path), log_every=100, compile=compile,
-                       **kw)
+                       warmup_steps=5, out_dir=str(tmp_path), log_every=100, compile=compile, **kw)
 
 
 def make_trainer(tmp_path, setup, dropout=0.0, compile=False, **kw):
@@ -294,3 +294,93 @@ def test_metrics_logger_writes_jsonl_and_tensorboard(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "vq_log.jsonl").open()]
     assert [(r["step"], r["loss"]) for r in records] == [(1, 1.0), (2, 0.25)]
     assert tensorboard_scalars(tmp_path / "tensorboard", "vq/loss") == [(1, 1.0), (2, 0.25)]
+
+
+def test_image_head_only_run_changes_only_those_rows_and_exports_a_plain_model(tmp_path, setup):
+    from chameleon_lm.training.adapters import AdapterConfig, image_head_rows
+
+    tok = setup[0]
+    before = make_trainer(tmp_path / "ref", setup).model.state_dict()  # the same seeded init
+    tr = make_trainer(tmp_path / "run", setup, adapter=AdapterConfig(mode="image-head"), weight_decay=0.1)
+    dim = tr.model.config.dim
+    assert f"({(tok.vocab.codebook_size + 1) * dim:,} trained, adapter image-head)" in tr.describe()
+    tr.fit(steps=6, progress=False, log=None)
+    ckpt = tr.save_checkpoint()
+    again = make_trainer(tmp_path / "run", setup, adapter=AdapterConfig(mode="image-head"))
+    again.load_checkpoint(ckpt)
+    assert all(torch.equal(v, again.model.state_dict()[k]) for k, v in tr.model.state_dict().items())
+    after = load_model(tr.export(tmp_path / "model")).model.state_dict()
+    assert after.keys() == before.keys()
+    rows = image_head_rows(tok.vocab)
+    others = torch.ones(len(tok), dtype=torch.bool)
+    others[rows] = False
+    for k, v in before.items():
+        if k == "output.weight":
+            assert torch.equal(after[k][others], v[others])
+            assert not torch.equal(after[k][rows], v[rows])
+        else:
+            assert torch.equal(after[k], v), k
+
+
+def test_lora_run_exports_the_merged_model(tmp_path, setup):
+    from chameleon_lm.training.adapters import AdapterConfig
+
+    before = make_trainer(tmp_path / "ref", setup).model.state_dict()
+    tr = make_trainer(tmp_path / "run", setup, adapter=AdapterConfig(mode="lora", lora_rank=4), lr=1e-2)
+    hist = tr.fit(steps=8, progress=False, log=None)
+    assert hist[-1]["ce"] < hist[0]["ce"]
+    merged = load_model(tr.export(tmp_path / "model")).model
+    assert merged.state_dict().keys() == before.keys()
+    assert torch.equal(merged.state_dict()["tok_embeddings.weight"], before["tok_embeddings.weight"])
+    assert not torch.equal(merged.state_dict()["layers.0.attention.wq.weight"],
+                           before["layers.0.attention.wq.weight"])
+    ids = torch.randint(0, 100, (2, 11))
+    tr.model.eval()
+    torch.testing.assert_close(merged(ids), tr.model(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_a_non_finite_loss_stops_with_a_checkpoint_and_spikes_follow_the_policy(tmp_path, setup):
+    from chameleon_lm.training.trainer import NonFiniteLossError
+
+    tr = make_trainer(tmp_path / "nan", setup)
+    tr.fit(steps=2, progress=False, log=None)
+    with torch.no_grad():
+        tr.model.norm.weight.fill_(float("nan"))
+    with pytest.raises(NonFiniteLossError, match="non-finite") as info:
+        tr.fit(steps=4, progress=False, log=None)
+    assert info.value.checkpoint == tmp_path / "nan/checkpoints/step_0000002"
+    assert latest_checkpoint(tmp_path / "nan") == info.value.checkpoint
+    # skip: a spike's batch leaves the weights as they were
+    tr = make_trainer(tmp_path / "skip", setup, spike_policy="skip")
+    tr.fit(steps=3, progress=False, log=None)
+    tr.spikes.observe = lambda value: True
+    weights = {k: v.clone() for k, v in tr.model.state_dict().items()}
+    m = tr.train_step()
+    assert m["spike"] == 1.0 and tr.step == 4
+    assert all(torch.equal(v, tr.model.state_dict()[k]) for k, v in weights.items())
+    # rollback: back to the last checkpoint's weights, the data goes on after the spike
+    tr = make_trainer(tmp_path / "rb", setup, spike_policy="rollback")
+    tr.fit(steps=3, progress=False, log=None)
+    saved = {k: v.clone() for k, v in tr.model.state_dict().items()}
+    tr.save_checkpoint()
+    tr.fit(steps=5, progress=False, log=None)
+    data = tr.loader.state_dict()
+    tr.spikes.observe = lambda value: True
+    tr.train_step()
+    assert tr.step == 3 and tr.loader.state_dict() != data
+    assert all(torch.equal(v, tr.model.state_dict()[k]) for k, v in saved.items())
+
+
+def test_shipped_configs_parse():
+    from pathlib import Path
+
+    from chameleon_lm.training.cli import load_train_config
+
+    configs = sorted((Path(__file__).parents[1] / "configs").glob("*.toml"))
+    assert {"tiny-cpu.toml", "7b-pretrain.toml", "34b-pretrain.toml", "7b-sft.toml",
+            "anole-7b-head-only.toml"} <= {p.name for p in configs}
+    for path in configs:
+        if "builtin:" in path.read_text():
+            continue  # resolving it prepares the data: tests/test_distributed.py runs that one
+        config = load_train_config(str(path), [])
+        assert config.steps > 0 and config.batch_size % max(config.micro_batch_size, 1) == 0

@@ -121,8 +121,8 @@ class LoRALinear(nn.Linear):
 class ImageRowsHead(OutputHead):
     """An output head whose ``weight`` is frozen except for some rows, held in ``trained_rows``.
 
-    ``trained_rows`` (``[R, D]``) holds the trained rows; ``rows`` (a non-persistent buffer) says which
-    they are. The head applies ``weight`` with those rows replaced, so the loss's gradient reaches only
+    ``trained_rows`` (``[R, D]``) holds the trained rows; ``rows`` (a buffer, saved with training
+    checkpoints so that they restore onto a meta-built model) says which they are. The head applies ``weight`` with those rows replaced, so the loss's gradient reaches only
     them, and weight decay only touches them.
     """
 
@@ -130,7 +130,7 @@ class ImageRowsHead(OutputHead):
         super().__init__(dim, vocab_size, device=device, dtype=dtype)
         self.weight.requires_grad_(False)
         rows = _check_rows(rows, vocab_size).to(device=self.weight.device)
-        self.register_buffer("rows", rows, persistent=False)
+        self.register_buffer("rows", rows)
         self.trained_rows = nn.Parameter(self.weight.detach()[rows].clone())
 
     @classmethod
