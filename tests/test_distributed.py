@@ -109,3 +109,22 @@ def test_resume_at_another_world_size_and_consolidated_exports(env, reference, t
     assert (reference / "model" / "model.safetensors").is_file()
     assert all(torch.equal(v, exported.state_dict()[k]) for k, v in final.state_dict().items())
     torch.testing.assert_close(exported(ids), final(ids), rtol=0, atol=0)
+
+
+def test_image_head_only_with_activation_checkpointing_under_fsdp2(env, reference, tmp_path):
+    """Anole-style fine-tuning from a plain model folder, sharded, with AC: only the image rows move."""
+    init = reference / "model"
+    out = tmp_path / "head"
+    train(env, 2, out, "steps=3", "ckpt_every=0", f"init_from={init}", "adapter.mode=image-head",
+          "activation_checkpointing=true", 'tokenizers=""', f"export_dir={out / 'model'}")
+    before, after = load_model(init), load_model(out / "model")
+    vocab = before.text_tokenizer.vocab
+    rows = torch.zeros(before.config.vocab_size, dtype=torch.bool)
+    rows[vocab.image_start : vocab.image_end] = True
+    rows[vocab.eoi_id] = True
+    for k, v in before.model.state_dict().items():
+        if k == "output.weight":
+            assert torch.equal(after.model.state_dict()[k][~rows], v[~rows])
+            assert not torch.equal(after.model.state_dict()[k][rows], v[rows])
+        else:
+            assert torch.equal(after.model.state_dict()[k], v), k

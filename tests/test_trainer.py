@@ -384,3 +384,14 @@ def test_shipped_configs_parse():
             continue  # resolving it prepares the data: tests/test_distributed.py runs that one
         config = load_train_config(str(path), [])
         assert config.steps > 0 and config.batch_size % max(config.micro_batch_size, 1) == 0
+
+
+def test_keep_last_checkpoints(tmp_path, setup):
+    from chameleon_lm.training.checkpoint import prune_checkpoints
+
+    tr = make_trainer(tmp_path, setup, ckpt_every=2, keep_checkpoints=2)
+    tr.fit(steps=8, progress=False, log=None)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000006", "step_0000008"]
+    (tmp_path / "checkpoints" / "step_0000007").mkdir()  # a save killed before it completed
+    assert prune_checkpoints(tmp_path, 1) == [tmp_path / "checkpoints" / n for n in ("step_0000006", "step_0000007")]
+    assert latest_checkpoint(tmp_path).name == "step_0000008"
