@@ -101,7 +101,7 @@ def check_identity(disabled: Path, tuned: Path) -> dict:
     problems = []
     if sa.keys() != sb.keys():
         problems.append(f"different keys: {sorted(sa.keys() ^ sb.keys())}")
-    compared = 0
+    compared, rows_changed = 0, False
     for name in sorted(sa.keys() & sb.keys()):
         x, y = sa[name], sb[name]
         if x.shape != y.shape:
@@ -188,8 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     seconds["identity_check"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - t_all
 
-    from chameleon_lm.training.trainer import TrainConfig
     from chameleon_lm.training.cli import load_train_config  # the config as chameleon train read it
+    from chameleon_lm.training.trainer import TrainConfig
 
     train_config: TrainConfig = load_train_config(str(args.config), overrides)
     ratio = recovered / original if original > 0 else 0.0

@@ -115,9 +115,11 @@ class TrainConfig(Config):
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward instead of keeping them."""
     init_device: str = "auto"
-    """Where a fresh model is built: ``cpu`` (every rank builds the same full model, then shards it),
-    ``meta`` (each rank initialises only its shards, for models too big for host memory), ``auto``
-    (``meta`` when distributed on CUDA without ``init_from``)."""
+    """How the ranks of a distributed run get their first weights. ``auto``: rank 0 builds (or loads,
+    for ``init_from``) the whole model on CPU, the other ranks build an empty one, and rank 0's
+    weights are broadcast into everyone's shards (the same start as one process, one host copy);
+    ``cpu``: every rank builds the whole model; ``meta``: every rank initialises only its own shards
+    (no whole copy anywhere; a fresh model only, and not the same numbers as one process)."""
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     """Which parameters train: all (``full``), LoRA adapters, or the image rows of the output head."""
     compile: bool = False
@@ -246,11 +248,21 @@ class Trainer:
             apply_adapters(model, config.adapter, text_tokenizer.vocab if text_tokenizer else None)
         self.block_norms = BlockNorms(model)  # hooks go on before compile and sharding wrap the blocks
         on_meta = any(p.is_meta for p in model.parameters())
+        broadcast = self.dist.distributed and config.init_device == "auto"
+        # Rank 0's whole model (adapters included) before sharding replaces its parameters.
+        full = {k: v.detach().cpu() for k, v in model.state_dict().items()} if broadcast and not on_meta else {}
         self.model = parallelize(model, self.dist, activation_checkpointing=config.activation_checkpointing,
                                  compile=config.compile,
                                  param_dtype=torch.bfloat16 if use_bf16 and self.dist.distributed else None)
-        if on_meta:  # each rank initialises its own shards
+        if on_meta:
             self.model.to_empty(device=self.device)
+        if broadcast:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            set_model_state_dict(self.model, full, options=StateDictOptions(
+                full_state_dict=True, broadcast_from_rank0=True))
+            del full
+        elif on_meta:  # each rank initialises its own shards
             torch.manual_seed(config.seed)
             with torch.no_grad():
                 self.model.init_weights()
@@ -279,10 +291,15 @@ class Trainer:
         """
         dist = dist or init_distributed(config.device)
         torch.manual_seed(config.seed)
-        meta = config.init_device == "meta" or (
-            config.init_device == "auto" and dist.distributed and dist.device.type == "cuda"
-            and not config.init_from)
-        text_tok, image_tok, model = build_model(config, meta=meta)
+        if config.init_device == "meta" and config.init_from:
+            raise ValueError("init_device = 'meta' builds a fresh model; init_from loads on rank 0 "
+                             "(init_device = 'auto')")
+        if dist.distributed and config.init_device == "auto" and not dist.is_main:
+            text_tok, image_tok, model = _receive_model(config)  # rank 0 loads and broadcasts
+        else:
+            text_tok, image_tok, model = build_model(config, meta=config.init_device == "meta")
+            if dist.distributed and config.init_device == "auto":
+                _send_model(model, text_tok)
         if config.data is None:
             raise ValueError("the config names no data (data = a token dataset, or [[data.sources]])")
         pad_id = text_tok.vocab.pad_id
@@ -578,6 +595,24 @@ def _empty_row(batch: Batch, tok: TextTokenizer | None) -> Batch:
                  image_targets=torch.zeros(1, T, dtype=torch.bool), positions=torch.arange(T)[None],
                  doc_ids=None if batch.doc_ids is None else torch.zeros(1, T, dtype=torch.int32),
                  lengths=torch.zeros(1, dtype=torch.long))
+
+
+def _send_model(model: Chameleon, text_tok: TextTokenizer) -> None:
+    import torch.distributed as tdist
+
+    tdist.broadcast_object_list([model.config.to_dict(), text_tok], src=0)
+
+
+def _receive_model(config: TrainConfig) -> tuple[TextTokenizer, None, Chameleon]:
+    """The model's architecture and text tokenizer from rank 0; an empty (meta) model to shard. Only
+    rank 0 writes model files, so the image tokenizer stays there."""
+    import torch.distributed as tdist
+
+    got: list[Any] = [None, None]
+    tdist.broadcast_object_list(got, src=0)
+    with torch.device("meta"):
+        model = Chameleon(ChameleonConfig.from_dict(got[0]))
+    return got[1], None, model
 
 
 def build_model(config: TrainConfig, meta: bool = False
