@@ -8,17 +8,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import write_tiny_tokenizers
 import torch
 from PIL import Image
 
-from chameleon_lm import VQGAN, VQGANConfig
 from chameleon_lm.cli import main
 from chameleon_lm.data.packing import IGNORE_INDEX, Packer
 from chameleon_lm.data.recipes import RecipeConfig, RecipeError, build_conversation, build_document
 from chameleon_lm.data.shards import TokenDataset
 from chameleon_lm.data.sources import ImageRef, Sample, Skipped, open_source
 from chameleon_lm.documents import Document, DocumentCodec
-from chameleon_lm.tokenizers.image import ImageTokenizer, load_image_tokenizer
+from chameleon_lm.tokenizers.image import load_image_tokenizer
 from chameleon_lm.tokenizers.text import load_text_tokenizer, train_text_tokenizer
 from chameleon_lm.tokenizers.vocab import IMAGE
 
@@ -238,12 +238,7 @@ def test_augmentation_is_a_deterministic_crop_without_flips_and_off_by_default()
 
 @pytest.fixture(scope="module")
 def tokenizers(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tokenizers")
-    vq = VQGANConfig.preset("tiny")
-    torch.manual_seed(0)
-    ImageTokenizer(VQGAN(vq)).save(folder)
-    train_text_tokenizer(CORPUS, 600, codebook_size=vq.n_embed).save(folder)
-    return folder
+    return write_tiny_tokenizers(tmp_path_factory.mktemp("tokenizers"), CORPUS)
 
 
 def _conversations(tmp_path):

@@ -10,18 +10,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_tiny_tokenizers
 import torch
 import webdataset as wds
 from PIL import Image
 
-from chameleon_lm import VQGAN, VQGANConfig
+from chameleon_lm import VQGANConfig
 from chameleon_lm.cli import main
 from chameleon_lm.data.recipes import RecipeConfig, RecipeError, build_document
 from chameleon_lm.data.shards import TokenDataset
 from chameleon_lm.data.sources import SourceConfig
 from chameleon_lm.data.tokenize import TokenizeConfig, tokenize
-from chameleon_lm.tokenizers.image import ImageTokenizer
-from chameleon_lm.tokenizers.text import train_text_tokenizer
 from chameleon_lm.tokenizers.vocab import IMAGE, TEXT
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30), "white": (250, 250, 250)}
@@ -35,13 +34,8 @@ def _png(size=(32, 32), colour=(220, 30, 30), mode="RGB") -> bytes:
 
 @pytest.fixture(scope="module")
 def tokenizers(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tokenizers")
-    vq_cfg = VQGANConfig.preset("tiny")
-    torch.manual_seed(0)
-    ImageTokenizer(VQGAN(vq_cfg)).save(folder)
     corpus = [f"a {c} square on a grey background" for c in COLOURS] * 50
-    train_text_tokenizer(corpus, 600, codebook_size=vq_cfg.n_embed).save(folder)
-    return folder
+    return write_tiny_tokenizers(tmp_path_factory.mktemp("tokenizers"), corpus)
 
 
 def _write_pairs(folder: Path, n_shards: int = 2, per_shard: int = 6, bad: bool = True) -> str:
