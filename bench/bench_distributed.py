@@ -76,11 +76,13 @@ def main() -> None:
                 print(n, results[n][-1], flush=True)
     best = {n: max(rs, key=lambda x: x["tokens_per_s"]) for n, rs in results.items()}
     base = best[min(args.nproc)]["tokens_per_s"]
-    rows = "\n".join(
-        f"| {n} | {max(cores // n, 1) if args.device == 'cpu' else '-'} | {b['tokens_per_s']:,.0f} | "
-        f"{b['per_device']:,.0f} | {b['mfu']:.1%} | **{b['tokens_per_s'] / base:.2f}×** | "
-        f"{', '.join(f'{x['tokens_per_s']:,.0f}' for x in results[n])} |"
-        for n, b in best.items())
+    def row(n: int, b: dict) -> str:
+        every = ", ".join(f"{x['tokens_per_s']:,.0f}" for x in results[n])
+        threads = max(cores // n, 1) if args.device == "cpu" else "-"
+        return (f"| {n} | {threads} | {b['tokens_per_s']:,.0f} | {b['per_device']:,.0f} | {b['mfu']:.1%} | "
+                f"**{b['tokens_per_s'] / base:.2f}×** | {every} |")
+
+    rows = "\n".join(row(n, b) for n, b in best.items())
     shape = SHAPES[args.preset] or "configs/tiny-cpu.toml's (dim 128, 4 layers)"
     append_results(
         f"Training throughput and MFU, {args.device}, {', '.join(map(str, args.nproc))} processes, "

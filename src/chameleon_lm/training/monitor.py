@@ -167,25 +167,25 @@ def _peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     return measured_matmul_flops(device, dtype)
 
 
-def measured_matmul_flops(device: torch.device, dtype: torch.dtype, size: int | None = None,
-                          repeats: int = 3) -> float:
-    """Best FLOP/s of ``repeats`` ``[size, size] @ [size, size]`` products (2048 on accelerators, 1024 on
-    CPU), timed after one warm-up."""
-    size = size or (1024 if device.type == "cpu" else 2048)
+def measured_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 2048,
+                          repeats: int = 5) -> float:
+    """Best FLOP/s of ``repeats`` ``[size, size] @ [size, size]`` products into a preallocated output,
+    timed after two warm-ups (no allocation or thread-pool start-up in the timed calls)."""
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
+    out = torch.empty(size, size, device=device, dtype=dtype)
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
     best = math.inf
-    for i in range(repeats + 1):
+    for i in range(repeats + 2):
         sync()
         start = time.perf_counter()
-        torch.mm(a, b)
+        torch.mm(a, b, out=out)
         sync()
-        if i:  # the first product is the warm-up
+        if i >= 2:
             best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best
 
