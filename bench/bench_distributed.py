@@ -8,8 +8,9 @@
 Each side is ``torchrun -m chameleon_lm train configs/tiny-cpu.toml`` on the built-in data with the
 given shape; the figures are medians over the steps after the first ``--skip`` (compilation, warm-up)
 of the run's own ``metrics.jsonl``: global tokens/s, tokens/s per device, and MFU (model FLOPs per token
-× tokens/s ÷ the device's peak; on CPU the peak is the measured matmul rate of the threads each process
-has). The baseline is the 1-process run of the same run of this script; sides take turns.
+× tokens/s ÷ the device's peak; on CPU the best fp32 matmul rate this script measures at each side's
+thread count, passed to both sides as ``peak_tflops``). The baseline is the 1-process run of the
+same run of this script; sides take turns.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ def run(nproc: int, threads: int, args, out: Path) -> dict:
            f"device={args.device}", f"precision={args.precision}", f"batch_size={args.batch}",
            f"micro_batch_size={args.micro}", f"seq_len={args.seq}", f"compile={str(args.compile).lower()}",
            f"activation_checkpointing={str(args.ac).lower()}", *overrides, "--no-progress"]
+    if args.peak.get(threads):  # one figure for every side: a per-process measurement is noisy here
+        cmd.insert(-1, f"peak_tflops={args.peak[threads] / 1e12}")
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
     if done.returncode:
@@ -67,6 +70,18 @@ def main() -> None:
     p.add_argument("--ac", action="store_true")
     args = p.parse_args()
     cores = os.cpu_count() or 1
+    args.peak = {}
+    if args.device == "cpu":  # the matmul peak of each side's thread count, best of many
+        import torch
+
+        from chameleon_lm.training.monitor import measured_matmul_flops
+
+        for n in args.nproc:
+            threads = max(cores // n, 1)
+            torch.set_num_threads(threads)
+            args.peak[threads] = max(measured_matmul_flops(torch.device("cpu"), torch.float32)
+                                     for _ in range(10))
+        torch.set_num_threads(cores)
     results: dict[int, list[dict]] = {n: [] for n in args.nproc}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
@@ -92,8 +107,9 @@ def main() -> None:
         f"Model {shape}; {args.precision}; batch {args.batch} rows × {args.seq} (micro-batch {args.micro} per "
         f"rank); {args.steps} steps, the first {args.skip} dropped, medians; best of {args.rounds} rounds "
         f"(sides taking turns). Several processes: FSDP2 on gloo (CPU) / NCCL; one process: no sharding. "
-        f"MFU uses ChameleonConfig.flops_per_token and, on CPU, the matmul rate measured by each process "
-        f"with its own threads.")
+        f"MFU uses ChameleonConfig.flops_per_token and, on CPU, the best fp32 2048-matmul rate of 10 "
+        f"measured by this script at each side's thread count: "
+        f"{', '.join(f'{t} thread(s) {p / 1e9:.0f} GFLOP/s' for t, p in args.peak.items())}.")
 
 
 if __name__ == "__main__":
