@@ -357,12 +357,14 @@ class Trainer:
             (sums.loss / n_global).backward()
             totals += torch.stack([sums.ce, sums.z, sums.n, sums.ce_text, sums.n_text, sums.ce_image,
                                    sums.n_image, sums.logit_norm]).detach().double()
-        totals = all_reduce_sum(totals, self.dist)
+        totals = all_reduce_sum(torch.cat([totals, torch.tensor(  # this rank's real slots and all slots
+            [batch.input_ids.numel() - batch.num_pad, batch.input_ids.numel()], dtype=torch.float64,
+            device=self.device)]), self.dist)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             [p for p in self.model.parameters() if p.requires_grad], cfg.grad_clip)
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
             grad_norm = grad_norm.full_tensor()
-        ce, z, n, ce_text, n_text, ce_image, n_image, logit_norm = totals.tolist()
+        ce, z, n, ce_text, n_text, ce_image, n_image, logit_norm, real, slots = totals.tolist()
         n = max(n, 1.0)
         loss = (ce + cfg.z_loss * z) / n
         lr = self.scheduler.get_last_lr()[0]
@@ -393,12 +395,10 @@ class Trainer:
             norms = all_reduce_sum(norms.double(), self.dist) / self.dist.world_size
             metrics.update({f"block_norm/{i}": float(v) for i, v in enumerate(norms.tolist())})
         dt = time.perf_counter() - t0
-        real = all_reduce_sum(torch.tensor(float(batch.input_ids.numel() - batch.num_pad)), self.dist)
-        slots = all_reduce_sum(torch.tensor(float(batch.input_ids.numel())), self.dist)
-        per_device = float(real) / dt / self.dist.world_size
-        metrics.update({"tokens_per_s": float(real) / dt, "tokens_per_s_per_device": per_device,
+        per_device = real / dt / self.dist.world_size
+        metrics.update({"tokens_per_s": real / dt, "tokens_per_s_per_device": per_device,
                         "mfu": per_device * self._flops_per_token / self.peak_flops(),
-                        "padding": 1 - float(real) / max(float(slots), 1.0)})
+                        "padding": 1 - real / max(slots, 1.0)})
         if self.device.type == "cuda":
             metrics["max_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         if spike and cfg.spike_policy == "warn":
