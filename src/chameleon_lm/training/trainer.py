@@ -291,9 +291,9 @@ class Trainer:
         """
         dist = dist or init_distributed(config.device)
         torch.manual_seed(config.seed)
-        if config.init_device == "meta" and config.init_from:
-            raise ValueError("init_device = 'meta' builds a fresh model; init_from loads on rank 0 "
-                             "(init_device = 'auto')")
+        if config.init_device == "meta" and (config.init_from or config.adapter.mode != "full"):
+            raise ValueError("init_device = 'meta' initialises a fresh model shard by shard; init_from and "
+                             "adapters need rank 0's whole model (init_device = 'auto')")
         if dist.distributed and config.init_device == "auto" and not dist.is_main:
             text_tok, image_tok, model = _receive_model(config)  # rank 0 loads and broadcasts
         else:
