@@ -285,3 +285,65 @@ def test_flex_attention_equals_sdpa_on_cuda(monkeypatch):
         monkeypatch.setattr(transformer, "document_mask", transformer.sdpa_document_mask)
         sdpa = model(ids, positions=pos, doc_ids=doc)
     torch.testing.assert_close(flex, sdpa, atol=1e-4, rtol=1e-4)
+
+
+class Counting(EncodedDocument):
+    """A document that counts how many of its tokens were read (sliced) by the packer."""
+
+    def __init__(self, doc: EncodedDocument, reads: list):
+        self._doc, self._reads = doc, reads
+
+    @property
+    def ids(self):
+        return _Spy(self._doc.ids, self._reads)
+
+    @property
+    def modality(self):
+        return self._doc.modality
+
+    @property
+    def loss_mask(self):
+        return self._doc.loss_mask
+
+
+class _Spy:
+    def __init__(self, t, reads):
+        self.t, self.reads = t, reads
+        self.shape, self.ndim, self.dtype = t.shape, t.ndim, t.dtype
+
+    def numel(self):
+        return self.t.numel()
+
+    def is_floating_point(self):
+        return False
+
+    def __getitem__(self, index):
+        part = self.t[index]
+        self.reads.append(part.numel())
+        return part
+
+
+@pytest.mark.parametrize("mode", ["packed", "padded"])
+def test_a_ranks_rows_are_its_slice_of_the_whole_batch_and_only_they_are_read(mode):
+    lengths = torch.randint(2, 40, (200,)).tolist()
+    docs = [random_doc(n) for n in lengths]
+    whole, stream = Packer(16, PAD, mode=mode), Stream(docs)
+    shares = [(Packer(16, PAD, mode=mode), Stream(docs)) for _ in range(2)]
+    for _ in range(4):
+        full = whole.next_batch(8, stream)
+        parts = [p.next_batch(8, s, slice(4 * r, 4 * r + 4)) for r, (p, s) in enumerate(shares)]
+        assert torch.equal(torch.cat([b.lengths for b in parts]), full.lengths)
+        rows = [(b, r) for b in parts for r in range(b.input_ids.shape[0])]  # padded: own longest row
+        for i, (b, r) in enumerate(rows):
+            n = int(b.lengths[r])
+            for name in ("input_ids", "targets", "image_targets", "positions"):
+                assert torch.equal(getattr(b, name)[r, :n], getattr(full, name)[i, :n]), name
+        if mode == "packed":
+            for name in ("positions", "doc_ids"):
+                assert torch.equal(torch.cat([getattr(b, name) for b in parts]), getattr(full, name))
+        assert all(p.state_dict() == whole.state_dict() for p, _ in shares)  # the stream state is global
+    # Rank 0 of 2 reads about half of the tokens a single process reads.
+    reads: list = []
+    counted = [Counting(d, reads) for d in docs]
+    Packer(16, PAD, mode="packed").next_batch(8, Stream(counted), slice(0, 4))
+    assert 4 * 16 <= sum(reads) <= 4 * 16 + 40  # its 64 slots (+1 per piece), not the batch's 128
