@@ -36,6 +36,10 @@ def detect_layout(path: str | os.PathLike) -> tuple[str, Path]:
         return "hf", path
     if is_native_model_dir(path):
         return "native", path
+    if (path / "config.adapter.json").is_file():  # written by the trainer for LoRA / head-only runs
+        raise ValueError(f"{path}: a training checkpoint of a run with adapters (LoRA or image-head), not a "
+                         "model; write the merged model with `chameleon train CONFIG steps=<its step> "
+                         "export_dir=DIR --resume` (the run's CONFIG and out_dir)")
     raise ValueError(
         f"{path}: not a recognised model folder; expected chameleon-lm's (config.json + "
         f"model.safetensors), Hugging Face's (config.json with model_type 'chameleon' + safetensors) or "
