@@ -395,3 +395,17 @@ def test_keep_last_checkpoints(tmp_path, setup):
     (tmp_path / "checkpoints" / "step_0000007").mkdir()  # a save killed before it completed
     assert prune_checkpoints(tmp_path, 1) == [tmp_path / "checkpoints" / n for n in ("step_0000006", "step_0000007")]
     assert latest_checkpoint(tmp_path).name == "step_0000008"
+
+
+@pytest.mark.parametrize("layout", ["native", "hf", "meta"])
+def test_export_writes_each_layout(tmp_path, setup, layout):
+    tr = make_trainer(tmp_path, setup)
+    tr.fit(steps=2, progress=False, log=None)
+    with torch.no_grad():  # Meta's layout shares one QK-norm row between the heads of a shard
+        for name, p in tr.model.named_parameters():
+            if "normalization" in name:
+                p.copy_(p.mean(0, keepdim=True).expand_as(p))
+    exported = load_model(tr.export(tmp_path / layout, layout), dtype=torch.float32).model
+    ids = torch.randint(0, 100, (2, 9))
+    tr.model.eval()
+    torch.testing.assert_close(exported(ids), tr.model(ids), rtol=1e-5, atol=1e-5)
