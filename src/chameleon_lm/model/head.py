@@ -91,8 +91,15 @@ class OutputHead(nn.Linear):
         w = self.effective_weight()
         if targets is None:
             return F.linear(h, w)
-        h_ND = h.reshape(-1, h.shape[-1])
-        grad = torch.is_grad_enabled()
-        return _FusedHeadLoss.apply(h_ND, w, targets.reshape(-1), float(z_loss_weight), int(chunk_size),
-                                    int(ignore_index), grad and h_ND.requires_grad,
-                                    grad and w.requires_grad)
+        return head_loss(h, w, targets, chunk_size=chunk_size, z_loss_weight=z_loss_weight,
+                         ignore_index=ignore_index)
+
+
+def head_loss(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, *, chunk_size: int = 2048,
+              z_loss_weight: float = 0.0, ignore_index: int = -100):
+    """``(loss, ce, z, logit_norm)`` of the head ``w`` ``[V, D]`` on hidden states ``h`` ``[..., D]``
+    (see :class:`OutputHead`); gradients are computed for whichever of ``h`` and ``w`` need them."""
+    h_ND = h.reshape(-1, h.shape[-1])
+    grad = torch.is_grad_enabled()
+    return _FusedHeadLoss.apply(h_ND, w, targets.reshape(-1), float(z_loss_weight), int(chunk_size),
+                                int(ignore_index), grad and h_ND.requires_grad, grad and w.requires_grad)

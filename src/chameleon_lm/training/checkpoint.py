@@ -86,10 +86,11 @@ def save_training_state(
         "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
         "schedulers": {name: s.state_dict() for name, s in (schedulers or {}).items()},
         "generators": {name: g.get_state() for name, g in (generators or {}).items()},
-        "rng": torch.get_rng_state(),
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        tensors["cuda_rng"] = torch.cuda.get_rng_state_all()
+    rng = rng_state()
+    tensors["rng"] = rng["cpu"]
+    if "cuda" in rng:
+        tensors["cuda_rng"] = rng["cuda"]
     directory.mkdir(parents=True, exist_ok=True)
     _replace_with(directory / TENSORS_NAME, lambda f: torch.save(tensors, f))
     _replace_with(directory / STATE_NAME, lambda f: f.write(state_json.encode()))
@@ -152,9 +153,7 @@ def load_training_state(
         scheduler.load_state_dict(tensors["schedulers"][name])
     for name, generator in (generators or {}).items():
         generator.set_state(tensors["generators"][name])
-    torch.set_rng_state(tensors["rng"])
-    if "cuda_rng" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(tensors["cuda_rng"])
+    set_rng_state({"cpu": tensors["rng"], **({"cuda": tensors["cuda_rng"]} if "cuda_rng" in tensors else {})})
     return int(state["step"]), dict(state.get("extra", {}))
 
 

@@ -47,8 +47,8 @@ def run_train(args: argparse.Namespace) -> int:
         say(f"model: {trainer.describe()}; data: {sources}; {config.steps} steps of "
             f"{config.batch_size} x {config.seq_len} tokens ({config.packing})")
         trainer.fit(progress=not args.no_progress)
-        if trainer.step != (int(read_state(ckpt)["step"]) if (ckpt := latest_checkpoint(config.out_dir))
-                            else -1):
+        last = latest_checkpoint(config.out_dir)
+        if last is None or int(read_state(last)["step"]) != trainer.step:  # not saved by fit already
             say(f"saved {trainer.save_checkpoint()}")
         if config.export_dir:
             trainer.export(config.export_dir)

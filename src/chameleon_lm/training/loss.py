@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from chameleon_lm.data.packing import IGNORE_INDEX
-from chameleon_lm.model.head import OutputHead, _FusedHeadLoss
+from chameleon_lm.model.head import OutputHead, head_loss
 
 
 @dataclass
@@ -59,15 +59,9 @@ def lm_loss_sums(
         chunk_size: tokens per head application.
         z_loss_weight: weight of the z-loss in ``LossSums.loss`` (the paper's 1e-5).
     """
-    t = targets_BT.reshape(-1)
-    if isinstance(head, torch.Tensor):
-        h = hidden_BTD.reshape(-1, hidden_BTD.shape[-1])
-        grad = torch.is_grad_enabled()
-        out = _FusedHeadLoss.apply(h, head, t, float(z_loss_weight), chunk_size, IGNORE_INDEX,
-                                   grad and h.requires_grad, grad and head.requires_grad)
-    else:
-        out = head(hidden_BTD, t, chunk_size=chunk_size, z_loss_weight=z_loss_weight,
-                   ignore_index=IGNORE_INDEX)
+    options = {"chunk_size": chunk_size, "z_loss_weight": z_loss_weight, "ignore_index": IGNORE_INDEX}
+    out = (head_loss(hidden_BTD, head, targets_BT, **options) if isinstance(head, torch.Tensor)
+           else head(hidden_BTD, targets_BT, **options))
     return modality_sums(out, targets_BT, image_mask_BT)
 
 

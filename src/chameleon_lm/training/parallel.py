@@ -92,7 +92,7 @@ def parallelize(model: nn.Module, info: DistInfo, *, activation_checkpointing: b
         for block in model.layers:
             block.compile()
     if not info.distributed:
-        return model.to(info.device) if not _on_meta(model) else model
+        return model.to(info.device) if not on_meta(model) else model
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
@@ -110,7 +110,8 @@ def parallelize(model: nn.Module, info: DistInfo, *, activation_checkpointing: b
     return model
 
 
-def _on_meta(model: nn.Module) -> bool:
+def on_meta(model: nn.Module) -> bool:
+    """Whether the model's parameters are still on the meta device (not materialised)."""
     return any(p.is_meta for p in model.parameters())
 
 

@@ -17,6 +17,7 @@ device), and validation CE on held-out token datasets, go to ``metrics.jsonl`` a
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -48,8 +49,15 @@ from chameleon_lm.training.logger import MetricsLogger
 from chameleon_lm.training.loss import modality_sums
 from chameleon_lm.training.monitor import SPIKE_POLICIES, BlockNorms, SpikeDetector, peak_flops
 from chameleon_lm.training.optim import build_adamw
-from chameleon_lm.training.parallel import DistInfo, all_reduce_sum, barrier, init_distributed, parallelize
-from chameleon_lm.training.parallel import resolve_device  # noqa: F401  (re-exported)
+from chameleon_lm.training.parallel import (
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    init_distributed,
+    on_meta,
+    parallelize,
+    resolve_device,
+)
 from chameleon_lm.training.schedule import SCHEDULES
 from chameleon_lm.utils.config import Config
 
@@ -247,14 +255,14 @@ class Trainer:
         if config.adapter.mode != "full":
             apply_adapters(model, config.adapter, text_tokenizer.vocab if text_tokenizer else None)
         self.block_norms = BlockNorms(model)  # hooks go on before compile and sharding wrap the blocks
-        on_meta = any(p.is_meta for p in model.parameters())
+        empty = on_meta(model)
         broadcast = self.dist.distributed and config.init_device == "auto"
         # Rank 0's whole model (adapters included) before sharding replaces its parameters.
-        full = {k: v.detach().cpu() for k, v in model.state_dict().items()} if broadcast and not on_meta else {}
+        full = {k: v.detach().cpu() for k, v in model.state_dict().items()} if broadcast and not empty else {}
         self.model = parallelize(model, self.dist, activation_checkpointing=config.activation_checkpointing,
                                  compile=config.compile,
                                  param_dtype=torch.bfloat16 if use_bf16 and self.dist.distributed else None)
-        if on_meta:
+        if empty:
             self.model.to_empty(device=self.device)
         if broadcast:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -262,11 +270,12 @@ class Trainer:
             set_model_state_dict(self.model, full, options=StateDictOptions(
                 full_state_dict=True, broadcast_from_rank0=True))
             del full
-        elif on_meta:  # each rank initialises its own shards
+        elif empty:  # each rank initialises its own shards
             torch.manual_seed(config.seed)
             with torch.no_grad():
                 self.model.init_weights()
         self.optimizer = build_adamw(self.model, config.lr, config.weight_decay, config.betas, config.eps)
+        self._trained = [p for p in self.model.parameters() if p.requires_grad]
         schedule = SCHEDULES[config.schedule]
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
@@ -279,7 +288,7 @@ class Trainer:
         self._flops_per_token = self.model_config.flops_per_token(config.seq_len)
         self._peak = config.peak_tflops * 1e12 or None
         if self.dist.distributed:  # dropout differs between ranks, as their rows do
-            torch.manual_seed(config.seed * 1_000_003 + self.dist.rank)
+            self._seed_rank()
 
     @classmethod
     def from_config(cls, config: TrainConfig, dist: DistInfo | None = None) -> Trainer:
@@ -360,8 +369,7 @@ class Trainer:
         totals = all_reduce_sum(torch.cat([totals, torch.tensor(  # this rank's real slots and all slots
             [batch.input_ids.numel() - batch.num_pad, batch.input_ids.numel()], dtype=torch.float64,
             device=self.device)]), self.dist)
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            [p for p in self.model.parameters() if p.requires_grad], cfg.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self._trained, cfg.grad_clip)
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
             grad_norm = grad_norm.full_tensor()
         ce, z, n, ce_text, n_text, ce_image, n_image, logit_norm, real, slots = totals.tolist()
@@ -407,6 +415,10 @@ class Trainer:
         if spike and cfg.spike_policy == "rollback":
             self._rollback(loss)
         return metrics
+
+    def _seed_rank(self) -> None:
+        """This rank's RNG stream (dropout) as a function of (seed, rank, step)."""
+        torch.manual_seed(self.config.seed * 1_000_003 + self.dist.rank + 7919 * self.step)
 
     def peak_flops(self) -> float:
         if self._peak is None:
@@ -537,7 +549,7 @@ class Trainer:
         self.spikes.load_state_dict(state.get("spikes", self.spikes.state_dict()))
         self.load_data_state(state.get("extra", {}).get("data", {}))
         if state.get("world_size") != self.dist.world_size:  # the saved RNG streams were other ranks'
-            torch.manual_seed(self.config.seed * 1_000_003 + self.dist.rank + 7919 * self.step)
+            self._seed_rank()
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The whole model's state dict on CPU on rank 0 (gathered from the shards), None elsewhere."""
@@ -631,10 +643,8 @@ def build_model(config: TrainConfig, meta: bool = False
     else:
         raise ValueError("the config names no tokenizers (tokenizers = a folder with tokenizer.json)")
     if loaded is None:
-        if meta:
-            with torch.device("meta"):
-                return text_tok, image_tok, Chameleon(config.model_config(len(text_tok)))
-        return text_tok, image_tok, Chameleon(config.model_config(len(text_tok)))
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            return text_tok, image_tok, Chameleon(config.model_config(len(text_tok)))
     model_config = loaded.config.replace(**config.model_overrides)
     with torch.device("meta"):
         model = Chameleon(model_config)
