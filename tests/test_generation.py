@@ -10,11 +10,19 @@ import torch
 from chameleon_lm import Chameleon, ChameleonConfig, Document, DocumentCodec, train_text_tokenizer
 from chameleon_lm.documents import ImagePart, TextPart
 from chameleon_lm.generation import (
-    Done, GenerationConfig, ImageComplete, ImageProgress, ImageSampling, TextDelta, TextSampling,
-    generate_images, generate_text, stream,
+    Done,
+    GenerationConfig,
+    ImageComplete,
+    ImageProgress,
+    ImageSampling,
+    TextDelta,
+    TextSampling,
+    generate_images,
+    generate_text,
+    stream,
 )
 from chameleon_lm.generation import sampling as S
-from chameleon_lm.generation.engine import _Decoder, _Detokenizer
+from chameleon_lm.generation.engine import _Detokenizer
 from chameleon_lm.tokenizers.vocab import IMAGE, TEXT
 
 K, N = 64, 16  # codebook size, codes per image
@@ -177,52 +185,36 @@ def test_config_round_trip_presets_and_validation(tmp_path):
 # ------------------------------------------------------------------------------------------ KV cache
 
 
-def test_kv_cache_stack_and_select_keep_every_row(model):
+def test_kv_cache_rows_of_different_lengths_decode_as_if_alone(model):
     g = torch.Generator().manual_seed(0)
     a, b, c = (torch.randint(10, 300, (n,), generator=g) for n in (9, 5, 3))
-    one = model.new_cache(1, 12)
-    model(a[None], one)
-    two = model.new_cache(2, 8, pad=torch.tensor([0, 2]))
-    model(torch.stack([b, torch.cat([torch.ones(2, dtype=torch.long), c])]), two)
-    both = type(one).stack([one, two], max_len=11)
-    assert (both.batch_size, both.length, both.max_len) == (3, 9, 11) and both.pad.tolist() == [0, 4, 6]
-    nxt = torch.randint(10, 300, (3, 2), generator=g)
-    step = model(nxt, both)
+    cache = model.new_cache(3, 12)
+    for row, seq in enumerate((a, b, c)):  # each prefilled alone, in its own row
+        model(seq[None], cache.rows(slice(row, row + 1)))
+    assert cache.host_lengths.tolist() == [9, 5, 3] and cache.length == 9
+    nxt = torch.randint(10, 300, (3, 1), generator=g)
+    step = model(nxt, cache)[:, 0]  # one batched step over rows of three lengths
     for row, seq in enumerate((a, b, c)):
-        alone = model(torch.cat([seq, nxt[row]])[None])[0, -2:]
+        alone = model(torch.cat([seq, nxt[row]])[None])[0, -1]
         torch.testing.assert_close(step[row], alone, atol=1e-5, rtol=1e-5)
-    last = both.select([2], max_len=20)
-    assert (last.batch_size, last.length, last.max_len, last.pad.tolist()) == (1, 11, 20, [6])
-    torch.testing.assert_close(model(nxt[2:, :1], last)[0, 0],
-                               model(torch.cat([c, nxt[2], nxt[2, :1]])[None])[0, -1], atol=1e-5, rtol=1e-5)
-    assert type(one).stack([one]).pad is None  # no padding: the fast path stays
+    cache.grow(20)  # more room keeps every row
+    cache.move(2, 0)  # row 0 now holds c (row 2's tokens), as when a finished request's row is reused
+    two = cache.rows(slice(0, 2))
+    nxt2 = torch.randint(10, 300, (2, 1), generator=g)
+    step = model(nxt2, two)[:, 0]
+    assert cache.host_lengths.tolist() == [5, 7, 4] and cache.max_len == 20
+    for row, seq in enumerate((torch.cat([c, nxt[2]]), torch.cat([b, nxt[1]]))):
+        alone = model(torch.cat([seq, nxt2[row]])[None])[0, -1]
+        torch.testing.assert_close(step[row], alone, atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------- guidance and image mode
 
 
-def test_three_guided_rows_in_one_batch_equal_separate_rows(model, codec):
-    v = codec.vocab
-    contexts = [prompt(codec, image_codes(0), "a red circle") + [v.eoi_id, v.boi_id],
-                prompt(codec, "blue") + [v.boi_id]]
-    dec = _Decoder(model, v, GenerationConfig())
-    cache, h = dec.prefill(contexts, max_len=max(map(len, contexts)))
-    guided, h3 = dec.guided_rows(cache, h, contexts, extra=1)
-    image_only = [[t for t in c if v.classes[t] == IMAGE or t in (v.bos_id, v.boi_id, v.eoi_id)]
-                  for c in contexts]
-    rows = contexts + image_only + [[v.bos_id, v.boi_id]] * 2
-    code = v.image_start + 5
-    step = model(torch.full((6, 1), code), guided)[:, 0]  # [3B, V]
-    for r, row in enumerate(rows):
-        alone = model(torch.tensor([row + [code]]))[0]
-        torch.testing.assert_close(model.output(h3[r]).float(), alone[-2], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(step[r], alone[-1], atol=1e-5, rtol=1e-5)
-
-
 def reference_images(model, v, prompts, cfg: ImageSampling):
     """Greedy guided decoding the slow way: no cache, full-vocabulary logits, then Meta's image mask."""
     seqs = [p + [v.boi_id] for p in prompts]
-    keep = lambda t: v.classes[t] == IMAGE or t in (v.bos_id, v.boi_id, v.eoi_id)  # noqa: E731
+    keep = lambda t: v.classes[t] == IMAGE or t in (v.bos_id, v.boi_id, v.eoi_id)
     rows = seqs + [[t for t in s if keep(t)] for s in seqs] + [[v.bos_id, v.boi_id]] * len(seqs)
     image = torch.zeros(model.config.vocab_size, dtype=torch.bool)
     image[v.image_start : v.image_end] = True
@@ -429,12 +421,14 @@ def test_interleaved_stream_events_and_no_reprefill(codec):
     n_images = len(done.document.images)
     assert n_images >= 2 and done.document.text  # both modalities appeared
     assert calls[0] == (1, len(ids))  # one prefill of the prompt …
-    # … then, per image, only the guidance rows (image-conditioned: <s>, earlier images and BOI).
+    # … then, per image, only the guidance rows, each alone (image-conditioned: <s>, earlier images
+    # and BOI; unconditioned: <s> BOI); every other call is one token per row.
     image_only = [1 + (N + 2) * k + 1 for k in range(n_images)]
-    assert [c for c in calls if c[0] == 2] == [(2, max(n, 2)) for n in image_only]
+    prefills = [c for c in calls[1:] if c[1] > 1]
+    assert prefills == [x for n in image_only for x in ((1, n), (1, 2))]
+    assert all(t == 1 or b == 1 for b, t in calls[1:])
     assert [c for c in calls if c[0] == 3] == [(3, 1)] * ((N - 1) * n_images)
-    assert all(t in (1, 2) for b, t in calls[1:] if b == 1)  # never a re-prefill of the full row
-    full_row_tokens = sum(t for b, t in calls if b in (1, 3))
+    full_row_tokens = len(ids) + sum(1 for c in calls[1:] if c[1] == 1)
     assert full_row_tokens == len(seq) - 1 - (seq[-1] == v.eoi_id)  # each token fed exactly once
 
 
@@ -522,34 +516,46 @@ def test_cli_run_generate_writes_images_and_document(tmp_path, capsys):
 
 
 def test_packed_cpu_weights_match_eager_and_follow_weight_updates(codec):
-    from chameleon_lm.generation.packed import _PACKS, packed_linears
+    from chameleon_lm.generation.packed import (
+        PackedLinear,
+        PackedMatrix,
+        pack_linears,
+        unpack_linears,
+    )
 
     torch.manual_seed(3)
     m = Chameleon(ChameleonConfig.preset("tiny", vocab_size=len(codec.text))).eval()
     ids = torch.randint(0, len(codec.text), (3, 7))
-    keys = m.state_dict().keys()
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    params = dict(m.named_parameters())
     with torch.inference_mode():
         eager = m(ids)
-    with packed_linears(m) as packs, torch.inference_mode():
-        assert packs is not None and "forward" in m.output.__dict__
+    assert pack_linears(m) == 7 * m.config.n_layers  # every block projection, not the head
+    assert isinstance(m.layers[0].attention.wq, PackedLinear) and type(m.output).__name__ == "OutputHead"
+    assert m.state_dict().keys() == state.keys() and dict(m.named_parameters()) == params  # same objects
+    with torch.inference_mode():
         torch.testing.assert_close(m(ids), eager, rtol=1e-5, atol=1e-5)
-        head = packs.rows(m.output, 5, 20)
-        torch.testing.assert_close(head(torch.ones(2, m.config.dim)),
-                                   torch.ones(2, m.config.dim) @ m.output.weight[5:20].t())
-    assert not any("forward" in mod.__dict__ for mod in m.modules()) and m.state_dict().keys() == keys
-    with packed_linears(m):  # with gradients on, the layers run as plain nn.Linear (and train)
-        m(ids).sum().backward()
-    assert m.output.weight.grad is not None
-    first = _PACKS[m]
-    with packed_linears(m):  # an update inside the context: the stale packs are not used
-        torch.optim.SGD(m.parameters(), lr=0.1).step()
-        with torch.inference_mode():
-            updated = m(ids)
+    head = PackedMatrix(m.output.weight[5:20])
+    torch.testing.assert_close(head(torch.ones(2, m.config.dim)),
+                               torch.ones(2, m.config.dim) @ m.output.weight[5:20].t())
+    m(ids).sum().backward()  # with gradients on, the layers run as plain linears (and train)
+    assert m.layers[0].feed_forward.w1.weight.grad is not None
+    torch.optim.SGD(m.parameters(), lr=0.1).step()  # the packed copies are now stale: not used
+    with torch.inference_mode():
+        updated = m(ids)
     assert not torch.allclose(updated, eager)
+    unpack_linears(m)
+    assert type(m.layers[0].attention.wq) is torch.nn.Linear
     with torch.inference_mode():
         torch.testing.assert_close(m(ids), updated)
-    with packed_linears(m), torch.inference_mode():
+    pack_linears(m)
+    pack_linears(m)  # idempotent
+    with torch.inference_mode():
         torch.testing.assert_close(m(ids), updated, rtol=1e-5, atol=1e-5)
-    assert _PACKS[m] is not first
-    with packed_linears(m, enabled=False) as packs:
-        assert packs is None and "forward" not in m.output.__dict__
+
+
+def test_sampling_at_a_vanishing_temperature_is_the_argmax():
+    scores = S.warp(torch.tensor([[1.0, 3.0, 2.0], [0.5, -1.0, 0.0]]), 5e-324, 0, 5e-324)  # overflows to inf
+    g = torch.Generator().manual_seed(0)
+    assert S.sample(scores, g, greedy=False).tolist() == [1, 0]
+    assert S.sample(scores, [torch.Generator().manual_seed(i) for i in range(2)], greedy=False).tolist() == [1, 0]

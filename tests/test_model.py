@@ -100,21 +100,20 @@ def test_kv_cache_decode_equals_full_forward(swin, kv_heads):
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
 
 
-def test_left_padded_rows_match_unpadded_rows():
+def test_rows_of_different_lengths_take_several_tokens_at_once():
     cfg = ChameleonConfig.preset("tiny")
     model = Chameleon(cfg).eval()
     a = torch.randint(0, cfg.vocab_size, (9,))
     b = torch.randint(0, cfg.vocab_size, (5,))
-    pad = torch.tensor([0, 4])
-    batch = torch.stack([a, torch.cat([torch.full((4,), 1), b])])
-    cache = model.new_cache(2, max_len=16, pad=pad)
-    logits = model(batch, cache)
-    nxt = torch.randint(0, cfg.vocab_size, (2, 1))
-    step = model(nxt, cache)
-    torch.testing.assert_close(logits[0], model(a[None])[0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(logits[1, 4:], model(b[None])[0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(step[1, 0], model(torch.cat([b, nxt[1]])[None])[0, -1], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(step[0, 0], model(torch.cat([a, nxt[0]])[None])[0, -1], atol=1e-5, rtol=1e-5)
+    cache = model.new_cache(2, max_len=16)
+    model(a[None], cache.rows(slice(0, 1)))
+    model(b[None], cache.rows(slice(1, 2)))
+    nxt = torch.randint(0, cfg.vocab_size, (2, 3))
+    step = model(nxt, cache)  # three new tokens on rows holding 9 and 5
+    assert cache.host_lengths.tolist() == [12, 8]
+    for row, seq in enumerate((a, b)):
+        alone = model(torch.cat([seq, nxt[row]])[None])[0, -3:]
+        torch.testing.assert_close(step[row], alone, atol=1e-5, rtol=1e-5)
 
 
 def test_cache_errors():

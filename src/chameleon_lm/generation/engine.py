@@ -1,35 +1,54 @@
-"""The decoding loops: batched text, batched images with three-way guidance, and a streaming mixed decoder.
+"""The generation engine: continuous batching of text, image and interleaved requests.
+
+Requests join and leave the running batch between steps. Each step samples one token for every live
+row and feeds all of them to the model in one call; the KV cache keeps a length per row, so rows of
+different lengths share the batch without padding and a new request is prefilled alone, in its own
+row, while the others wait (no re-prefill, ever). Every request has its own sampling settings and
+random generator: its output does not depend on what else is in the batch.
 
 Modality control follows Meta's decoders (spec §5.2–5.3):
 
 - text steps allow only text tokens and ``</s>`` (plus ``<racm3:break>`` in interleaved mode, while a
   whole image block still fits before the length limit);
-- an image block is ``<racm3:break>``, exactly N sampled codes, then ``<eoss>`` (forced, no model call);
-- image codes come from classifier-free guidance over three rows decoded in one batch: the full
-  context, the context filtered to {image tokens, ``<s>``, BOI, EOI}, and ``[<s>, BOI]``.
+- an image block is ``<racm3:break>``, exactly N sampled codes, then ``<eoss>`` (forced, no sampling);
+- image codes come from classifier-free guidance over three rows of the same batch: the full context,
+  the context filtered to {image tokens, ``<s>``, BOI, EOI}, and ``[<s>, BOI]``. The two guidance rows
+  are prefilled when the block opens and leave when it closes; the full row keeps its cache.
 
-One KV cache serves the whole run. When an image block opens, the full row's cache is copied (not
-recomputed) next to the two freshly prefilled guidance rows; after the block the full row goes on alone.
-Image steps apply only the image rows of the output head: Meta masks every other logit to −inf after
-guidance, and guidance is elementwise, so the codes are the same.
+Logits are computed only over the rows of the output head the row's state allows: the text rows for
+a text step, the K image rows for an image step (Meta masks every other logit to −inf, after guidance
+for images, and guidance is elementwise, so the tokens are the same).
 
-Shape legend: B batch (prompts), D model dim, V vocabulary, K codebook size, N codes per image.
+:class:`Engine` is driven by :meth:`Engine.step` (the functions below step it in the caller's thread)
+or by its own thread (:meth:`Engine.start`, used by the server). Events reach each request's ``sink``
+from the stepping thread.
+
+Shape legend: B rows, D model dim, V vocabulary, Vt text vocabulary, K codebook size, N codes per image.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+import collections
+import itertools
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
-from chameleon_lm.documents import Document, DocumentCodec, ImagePart
-from chameleon_lm.generation.packed import _Packs, packed_linears
-from chameleon_lm.generation.sampling import GenerationConfig, cfg_mix, sample, text_scores, warp
-from chameleon_lm.model import Chameleon, KVCache
+from chameleon_lm.documents import Document, DocumentCodec
+from chameleon_lm.generation.packed import PackedMatrix, _version, pack_linears
+from chameleon_lm.generation.sampling import (
+    GenerationConfig,
+    allow_only,
+    cfg_mix,
+    penalize,
+    sample,
+    warp,
+)
+from chameleon_lm.model import Chameleon
 from chameleon_lm.tokenizers.text import TextTokenizer
 from chameleon_lm.tokenizers.vocab import IMAGE, TEXT, Vocab
 
@@ -47,6 +66,10 @@ class TextDelta:
 class ImageProgress:
     done: int
     total: int
+    index: int = 0
+    """Which image of the answer (0-based)."""
+    codes: torch.Tensor | None = None
+    """``[done]`` long codes so far (CPU), for previews."""
 
 
 @dataclass(frozen=True)
@@ -54,7 +77,12 @@ class ImageComplete:
     codes: torch.Tensor
     """``[N]`` long codes (CPU)."""
     image: Image.Image | None
-    """The decoded pixels, or None when the codec has no image tokenizer."""
+    """The decoded pixels, or None when the codec has no image decoder (or decoding is left to the
+    caller: ``Engine(decode_images=False)``)."""
+    index: int = 0
+
+
+FINISH_REASONS = ("stop", "length", "cancelled", "timeout", "error")
 
 
 @dataclass(frozen=True)
@@ -62,75 +90,57 @@ class Done:
     ids: list[int]
     """Every new token (``</s>`` included when sampled). A prompt's trailing ``<racm3:break>`` in image or
     interleaved mode counts as new, so ``ids`` is always a well-formed document on its own."""
-    document: Document
-    """``codec.decode(ids)``, with the images of the :class:`ImageComplete` events."""
+    document: Document | None
+    """``codec.decode(ids)``, with the images of the :class:`ImageComplete` events (None without codec)."""
+    reason: str = "stop"
+    """One of :data:`FINISH_REASONS`: ``</s>`` or a finished image (stop), the length limit, a cancel,
+    the request's time limit, or an engine error (``error`` says which)."""
+    prompt_tokens: int = 0
+    error: str | None = None
 
 
 Event = TextDelta | ImageProgress | ImageComplete | Done
+Sink = Callable[[Event], None]
 
 
 # ----------------------------------------------------------------------------------------- public API
 
 
-@torch.inference_mode()
 def generate_text(
     model: Chameleon, vocab: Vocab, prompts: list[list[int]], config: GenerationConfig
 ) -> list[list[int]]:
-    """Continue B prompts with text in one batch (left-padded), until every row has sampled ``</s>``.
+    """Continue each prompt with text until ``</s>`` or the limit, all in one continuous batch.
 
-    Rows that finished keep being fed (as in Meta's decoder) but their output stops at ``</s>``.
+    Prompt i samples with seed ``config.seed + i`` (random when the seed is None).
 
     Returns:
-        Each row's new ids, up to and including its first ``</s>`` (absent if the row hit the limit).
+        Each prompt's new ids, up to and including its first ``</s>`` (absent if it hit the limit).
     """
-    with _inference(model, config) as packs:
-        dec = _Decoder(model, vocab, config, packs)
-        P = max((len(p) for p in prompts), default=0)
-        steps = min(config.max_new_tokens, dec.max_seq_len - P)
-        if steps < 1:
-            raise ValueError(f"the longest prompt ({P} tokens) leaves no room before max_seq_len "
-                             f"{dec.max_seq_len}")
-        cache, h = dec.prefill(prompts, max_len=P + steps - 1)
-        ids = torch.full((len(prompts), P + steps), vocab.pad_id, dtype=torch.long, device=dec.device)
-        ids[:, :P] = _left_pad(prompts, vocab.pad_id, dec.device)[0]
-        finished = torch.zeros(len(prompts), dtype=torch.bool, device=dec.device)
-        for t in range(steps):
-            tok = dec.sample_text(h, ids[:, : P + t], dec.text_allowed)  # [B]
-            ids[:, P + t] = tok
-            finished |= tok == vocab.eos_id
-            if t == steps - 1 or bool(finished.all()):
-                break
-            h = dec.feed(cache, tok[:, None])
-        rows = ids[:, P : P + t + 1].tolist()
-    return [row[: row.index(vocab.eos_id) + 1] if vocab.eos_id in row else row for row in rows]
+    config = config.replace(mode="text")
+    engine = Engine(model, vocab, max_rows=max(len(prompts), 1), pack=config.cpu_packed_weights)
+    jobs = [engine.submit(p, _seeded(config, i)) for i, p in enumerate(prompts)]
+    return [done.ids for done in engine.run(jobs)]
 
 
-@torch.inference_mode()
 def generate_images(
     model: Chameleon, vocab: Vocab, prompts: list[list[int]], config: GenerationConfig,
     image_seq_len: int,
 ) -> torch.Tensor:
-    """One image per prompt, all in one batch of 3B guided rows.
+    """One image per prompt (``<racm3:break>`` appended when missing), all in one batch of 3B rows.
 
-    A prompt that does not end with ``<racm3:break>`` gets it appended.
+    Prompt i samples with seed ``config.seed + i``.
 
     Returns:
         ``[B, N]`` long codes, on the model's device.
     """
-    with _inference(model, config) as packs:
-        dec = _Decoder(model, vocab, config, packs)
-        contexts = [_open_image(p, vocab) for p in prompts]
-        longest = max((len(c) for c in contexts), default=0)
-        if longest + image_seq_len + 1 > dec.max_seq_len:
-            raise ValueError(f"a prompt of {longest} tokens leaves no room for {image_seq_len} codes and "
-                             f"<eoss> before max_seq_len {dec.max_seq_len}")
-        cache, h = dec.prefill(contexts, max_len=longest)
-        guided, h3 = dec.guided_rows(cache, h, contexts, extra=image_seq_len - 1)
-        del cache
-        codes = torch.empty(len(prompts), image_seq_len, dtype=torch.long, device=dec.device)
-        for step, tok in enumerate(dec.image_block(guided, h3, image_seq_len)):
-            codes[:, step] = tok
-    return codes - vocab.image_start
+    if not prompts:
+        raise ValueError("no prompts")
+    config = config.replace(mode="image")
+    engine = Engine(model, vocab, max_rows=3 * len(prompts), image_seq_len=image_seq_len,
+                    pack=config.cpu_packed_weights)
+    jobs = [engine.submit(p, _seeded(config, i)) for i, p in enumerate(prompts)]
+    engine.run(jobs)
+    return torch.stack([job.last_codes for job in jobs]).to(engine.device)
 
 
 def stream(
@@ -147,123 +157,18 @@ def stream(
     if isinstance(prompt, Document):
         prompt = codec.encode(prompt, bos=True).ids
     ids = [int(i) for i in torch.as_tensor(prompt, dtype=torch.long).flatten()]
-    return _stream(model, codec, ids, config)
+    engine = Engine(model, codec.vocab, codec=codec, max_rows=1 if config.mode == "text" else 3,
+                    pack=config.cpu_packed_weights)
+    events: collections.deque[Event] = collections.deque()
+    job = engine.submit(ids, config, sink=events.append)  # errors raise here, before iteration
+    return engine.iterate(job, events)
+
+
+def _seeded(config: GenerationConfig, i: int) -> GenerationConfig:
+    return config if config.seed is None else config.replace(seed=config.seed + i)
 
 
 # ----------------------------------------------------------------------------------------- internals
-
-
-@contextmanager
-def _inference(model: Chameleon, config: GenerationConfig) -> Iterator[_Packs | None]:
-    """Eval mode (then the model's previous mode) and, on CPU in fp32, prepacked linear weights."""
-    was_training = model.training
-    model.eval()
-    try:
-        with packed_linears(model, config.cpu_packed_weights) as packs:
-            yield packs
-    finally:
-        model.train(was_training)
-
-
-def _open_image(prompt: list[int], vocab: Vocab) -> list[int]:
-    return prompt if prompt[-1:] == [vocab.boi_id] else prompt + [vocab.boi_id]
-
-
-def _left_pad(
-    rows: list[list[int]], pad_id: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``ids [B, T]`` right-aligned with ``pad_id`` in front, and the pad count of each row ``[B]``."""
-    T = max(len(r) for r in rows)
-    ids = torch.tensor([[pad_id] * (T - len(r)) + list(r) for r in rows], dtype=torch.long, device=device)
-    return ids, torch.tensor([T - len(r) for r in rows], dtype=torch.long, device=device)
-
-
-class _Decoder:
-    """The model steps and samplers shared by all loops, with the run's masks and random generator."""
-
-    def __init__(self, model: Chameleon, vocab: Vocab, config: GenerationConfig,
-                 packs: _Packs | None = None):
-        V = model.config.vocab_size
-        if V < vocab.size:
-            raise ValueError(f"the model has {V} logits but the tokenizer {vocab.size} ids")
-        self.model, self.vocab, self.config = model, vocab, config
-        self.device = model.output.weight.device
-        self.max_seq_len = config.max_seq_len or model.config.max_seq_len
-        classes = torch.full((V,), -1, dtype=torch.int8)
-        classes[: vocab.size] = vocab.classes
-        self.text_allowed = (classes == TEXT).to(self.device)  # [V]
-        self.text_allowed[vocab.eos_id] = True
-        self.text_or_image_allowed = self.text_allowed.clone()
-        self.text_or_image_allowed[vocab.boi_id] = True
-        keep = classes == IMAGE
-        keep[[vocab.bos_id, vocab.boi_id, vocab.eoi_id]] = True
-        self.image_context: list[bool] = keep.tolist()  # what the image-conditioned row keeps
-        image_head = model.output.weight[vocab.image_start : vocab.image_end]  # [K, D]
-        self.image_logits = (packs.rows(model.output, vocab.image_start, vocab.image_end) if packs
-                             else lambda h: F.linear(h, image_head))
-        self.generator = torch.Generator(device=self.device)
-        if config.seed is None:
-            self.generator.seed()
-        else:
-            self.generator.manual_seed(config.seed)
-
-    def prefill(self, rows: list[list[int]], max_len: int) -> tuple[KVCache, torch.Tensor]:
-        """A cache of the left-padded ``rows`` (capacity ``max_len``) and the last hidden ``[B, D]``."""
-        if not rows:
-            raise ValueError("no prompts")
-        if any(not r for r in rows):
-            raise ValueError("empty prompt")
-        if any(min(r) < 0 or max(r) >= self.vocab.size for r in rows):
-            raise ValueError(f"prompt ids must be in [0, {self.vocab.size})")
-        ids, pad = _left_pad(rows, self.vocab.pad_id, self.device)
-        ragged = len({len(r) for r in rows}) > 1
-        cache = self.model.new_cache(len(rows), max_len, pad=pad if ragged else None)
-        return cache, self.feed(cache, ids)
-
-    def feed(self, cache: KVCache, ids_BT: torch.Tensor) -> torch.Tensor:
-        """Run new tokens through the model; the hidden state of the last one ``[B, D]``."""
-        return self.model.hidden_states(ids_BT, cache)[:, -1]
-
-    def sample_text(
-        self, h_BD: torch.Tensor, ids_BS: torch.Tensor, allowed_V: torch.Tensor
-    ) -> torch.Tensor:
-        """Next text ids ``[B]`` given the sequences so far (for the repetition penalty)."""
-        cfg = self.config.text
-        scores = text_scores(self.model.output(h_BD).float(), ids_BS, allowed_V, cfg)
-        return sample(scores, self.generator, cfg.greedy)
-
-    def guided_rows(
-        self, cache: KVCache, h_BD: torch.Tensor, contexts: list[list[int]], extra: int
-    ) -> tuple[KVCache, torch.Tensor]:
-        """The 3B-row cache ``[full; image-conditioned; unconditioned]`` and its last hidden ``[3B, D]``.
-
-        ``contexts`` are the B full rows (each ending with BOI) held by ``cache``, with last hidden
-        states ``h_BD``. Their keys and values are copied, not recomputed: only the 2B guidance rows
-        are prefilled. The new cache has room for ``extra`` more tokens; ``cache`` is left as it is.
-        """
-        image_rows = [[t for t in c if self.image_context[t]] for c in contexts]
-        uncond_rows = [[self.vocab.bos_id, self.vocab.boi_id]] * len(contexts)
-        guidance = image_rows + uncond_rows
-        g_cache, g_h = self.prefill(guidance, max_len=max(map(len, guidance)))
-        length = max(cache.length, g_cache.length)
-        return KVCache.stack([cache, g_cache], max_len=length + extra), torch.cat([h_BD, g_h])
-
-    def image_block(self, guided: KVCache, h3: torch.Tensor, n: int) -> Iterator[torch.Tensor]:
-        """Yield the ids ``[B]`` of the n codes of an image block, one per step.
-
-        ``guided`` and ``h3 [3B, D]`` come from :meth:`guided_rows` (built with ``extra ≥ n − 1``);
-        every code but the last is fed to all three rows.
-        """
-        cfg, B = self.config.image, h3.shape[0] // 3
-        for step in range(n):
-            if step:
-                h3 = self.feed(guided, tok.repeat(3)[:, None])
-            logits = self.image_logits(h3).float()  # [3B, K]
-            full, image, uncond = logits.split(B)
-            mix = cfg_mix(full, image, uncond, cfg.cfg_text, cfg.cfg_image)  # [B, K]
-            scores = mix if cfg.greedy else warp(mix, cfg.temperature, cfg.top_k, cfg.top_p)
-            tok = self.vocab.image_start + sample(scores, self.generator, cfg.greedy)
-            yield tok
 
 
 class _Detokenizer:
@@ -292,72 +197,453 @@ class _Detokenizer:
         return text
 
 
-@torch.inference_mode()
-def _stream(
-    model: Chameleon, codec: DocumentCodec, ids: list[int], config: GenerationConfig
-) -> Iterator[Event]:
-    vocab, n, mode = codec.vocab, codec.image_seq_len, config.mode
-    with _inference(model, config) as packs:
-        dec = _Decoder(model, vocab, config, packs)
-        if mode == "image":
-            ids = _open_image(ids, vocab)
-        opened = mode != "text" and ids[-1:] == [vocab.boi_id]
-        start = len(ids) - opened  # new ids begin here (an open BOI counts as new)
+class _Row:
+    """One row of the batch: its job, its role (full / image / uncond) and its slot in the cache."""
+
+    __slots__ = ("job", "role", "slot")
+
+    def __init__(self, job: Job, role: str, slot: int):
+        self.job, self.role, self.slot = job, role, slot
+
+
+class Job:
+    """One request inside the engine: its sequence, sampling state and rows. Made by :meth:`Engine.submit`."""
+
+    _ids = itertools.count()
+
+    def __init__(self, engine: Engine, ids: list[int], config: GenerationConfig, sink: Sink | None,
+                 timeout: float | None):
+        vocab, n, mode = engine.vocab, engine.image_seq_len, config.mode
+        if not ids:
+            raise ValueError("empty prompt")
+        if min(ids) < 0 or max(ids) >= vocab.size:
+            raise ValueError(f"prompt ids must be in [0, {vocab.size})")
+        if mode == "image" and ids[-1] != vocab.boi_id:
+            ids = ids + [vocab.boi_id]
+        self.id = next(Job._ids)
+        self.engine, self.config, self.mode, self.sink = engine, config, mode, sink
+        self.seq = list(ids)
+        opened = mode != "text" and ids[-1] == vocab.boi_id
+        self.start = len(ids) - opened  # new ids begin here (an open BOI counts as new)
         budget = n + 2 if mode == "image" else config.max_new_tokens
-        limit = min(dec.max_seq_len, start + budget)
-        if len(ids) >= limit or (opened and len(ids) + n + 1 > limit):
-            raise ValueError(f"a prompt of {start} tokens leaves no room to generate "
-                             f"(limit {limit}, {n + 2} tokens per image block)")
-        cache, h = dec.prefill([ids], max_len=limit)
-        seq_ids = torch.full((1, limit), vocab.pad_id, dtype=torch.long, device=dec.device)
-        seq_ids[0, : len(ids)] = torch.tensor(ids)
-        seq = list(ids)
-        text = _Detokenizer(codec.text)
-        images: list[Image.Image | None] = []
+        max_seq_len = min(config.max_seq_len or engine.max_seq_len, engine.max_seq_len)
+        self.limit = min(max_seq_len, self.start + budget)
+        if len(ids) >= self.limit or (opened and len(ids) + n + 1 > self.limit):
+            raise ValueError(f"a prompt of {self.start} tokens leaves no room to generate "
+                             f"(limit {self.limit}, {n + 2} tokens per image block)")
+        self.rows_needed = 1 if mode == "text" else 3
+        self.generator = torch.Generator(device=engine.device)
+        if config.seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(config.seed)
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.cancelled = False
+        self.finished: Done | None = None
+        self.rows: list[_Row] = []  # [full] or [full, image, uncond] while an image block is open
+        self.codes: list[int] = []
+        self.last_codes: torch.Tensor | None = None
+        self.forced: collections.deque[int] = collections.deque()  # already in seq, still to feed
+        self.images: list[Image.Image | None] = []
+        self.detok = _Detokenizer(engine.codec.text) if engine.codec is not None else None
+        self.seen = torch.zeros(engine.text_ids.numel(), dtype=torch.bool, device=engine.device)
+        self._see(self.seq)
 
-        while len(seq) < limit:
-            if mode != "text" and seq[-1] == vocab.boi_id:
-                if tail := text.flush():
-                    yield TextDelta(tail)
-                guided, h3 = dec.guided_rows(cache, h, [seq], extra=n - 1)
-                shift = guided.length - cache.length  # the full row's slots moved right by this
-                codes = torch.empty(n, dtype=torch.long, device=dec.device)
-                for step, tok in enumerate(dec.image_block(guided, h3, n)):
-                    codes[step] = tok[0]
-                    if (step + 1) % config.progress_every == 0 or step + 1 == n:
-                        yield ImageProgress(step + 1, n)
-                code_ids = codes.tolist()
-                seq_ids[0, len(seq) : len(seq) + n] = codes
-                seq += code_ids + [vocab.eoi_id]
-                seq_ids[0, len(seq) - 1] = vocab.eoi_id
-                image_codes = codes.cpu() - vocab.image_start
-                can_decode = codec.image is not None and getattr(codec.image, "can_decode", True)
-                image = codec.image.decode(image_codes[None])[0] if can_decode else None
-                images.append(image)
-                yield ImageComplete(image_codes, image)
-                if mode == "image" or len(seq) >= limit:
-                    break
-                cache = guided.select(slice(0, 1), max_len=cache.max_len + shift)
-                del guided
-                h = dec.feed(cache, torch.tensor([[code_ids[-1], vocab.eoi_id]], device=dec.device))
-                continue
+    @property
+    def in_image(self) -> bool:
+        return len(self.rows) == 3
 
-            fits_image = mode == "interleaved" and limit - len(seq) >= n + 2
-            allowed = dec.text_or_image_allowed if fits_image else dec.text_allowed
-            tok = dec.sample_text(h, seq_ids[:, : len(seq)], allowed)  # [1]
-            seq_ids[0, len(seq)] = tok[0]
-            seq.append(int(tok))
-            if seq[-1] == vocab.eos_id:
-                break
-            if seq[-1] != vocab.boi_id and (delta := text.push(seq[-1])):
-                yield TextDelta(delta)
-            if len(seq) < limit:
-                h = dec.feed(cache, tok[:, None])
+    def cancel(self) -> None:
+        """Stop at the next step (thread-safe); the job ends with ``Done(reason="cancelled")``."""
+        self.cancelled = True
 
-        if tail := text.flush():
-            yield TextDelta(tail)
-        new = seq[start:]
-        document = codec.decode(new, decode_images=False)
-        for part, image in zip(document.images, images):
-            part.image = image
-        yield Done(new, document)
+    def _see(self, ids: list[int]) -> None:
+        index = self.engine.text_index[torch.tensor(ids, device=self.engine.device)]
+        self.seen[index[index >= 0]] = True
+
+    def _emit(self, event: Event) -> None:
+        if self.sink is not None:
+            try:
+                self.sink(event)
+            except Exception:
+                self.cancelled = True
+
+
+class Engine:
+    """Continuous-batching generation over one model (see the module docstring).
+
+    Args:
+        model: the model; on CPU in fp32 its linear layers are swapped once for packed ones
+            (``generation/packed.py``) unless ``pack`` is False.
+        vocab: the tokenizer's vocabulary.
+        codec: text and image tokenizers; without it there are no text deltas, documents or images.
+        max_rows: rows of the batch (a text request takes 1, image and interleaved requests 3); requests
+            beyond it wait in order.
+        image_seq_len: codes per image (default: the codec's).
+        decode_images: decode finished images in the engine (else ``ImageComplete.image`` is None and the
+            caller decodes the codes, e.g. in another thread).
+    """
+
+    def __init__(self, model: Chameleon, vocab: Vocab, *, codec: DocumentCodec | None = None,
+                 max_rows: int = 32, image_seq_len: int | None = None, decode_images: bool = True,
+                 pack: bool = True, max_seq_len: int | None = None):
+        V = model.config.vocab_size
+        if V < vocab.size:
+            raise ValueError(f"the model has {V} logits but the tokenizer {vocab.size} ids")
+        if max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+        self.model, self.vocab, self.codec = model, vocab, codec
+        self.max_rows, self.decode_images, self.pack = max_rows, decode_images, pack
+        self.image_seq_len = image_seq_len or (codec.image_seq_len if codec is not None else 1024)
+        self.max_seq_len = min(max_seq_len or model.config.max_seq_len, model.config.max_seq_len)
+        self.device = model.output.weight.device
+        if pack:
+            pack_linears(model)
+        classes = torch.full((V,), -1, dtype=torch.int8)
+        classes[: vocab.size] = vocab.classes
+        text = classes == TEXT
+        text[[vocab.eos_id, vocab.boi_id]] = True
+        self.text_ids = text.nonzero()[:, 0].to(self.device)  # [Vt] the text rows of the head
+        self.text_index = torch.full((V,), -1, dtype=torch.long)
+        self.text_index[self.text_ids.cpu()] = torch.arange(self.text_ids.numel())
+        self.text_index = self.text_index.to(self.device)
+        self.text_allowed = (self.text_ids != vocab.boi_id)  # [Vt]: text mode, or no room for an image
+        self.text_or_image_allowed = torch.ones_like(self.text_allowed)
+        self.not_eos = self.text_ids != vocab.eos_id
+        keep = classes == IMAGE
+        keep[[vocab.bos_id, vocab.boi_id, vocab.eoi_id]] = True
+        self.image_context: list[bool] = keep.tolist()  # what the image-conditioned row keeps
+        self._heads_key: tuple | None = None
+        self._heads()
+        self.cache = model.new_cache(max_rows, min(256, self.max_seq_len))
+        self.h = torch.zeros(max_rows, model.config.dim, dtype=self.cache.k.dtype, device=self.device)
+        self.rows: list[_Row] = []
+        self.jobs: list[Job] = []  # admitted, in order
+        self.waiting: collections.deque[Job] = collections.deque()
+        self.reserved = 0
+        self._lock = threading.RLock()  # one step at a time; submissions go in between
+        self._wake = threading.Condition(threading.Lock())
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.counters = collections.Counter()
+
+    # ------------------------------------------------------------------------------------ requests
+
+    def submit(self, prompt: list[int], config: GenerationConfig, sink: Sink | None = None,
+               timeout: float | None = None) -> Job:
+        """Queue a request (validated now: bad prompts and limits raise ``ValueError``).
+
+        ``sink`` receives the job's events from the stepping thread and must not block; ``timeout`` in
+        seconds ends the request with ``Done(reason="timeout")``.
+        """
+        job = Job(self, [int(t) for t in prompt], config, sink, timeout)
+        if job.rows_needed > self.max_rows:
+            raise ValueError(f"a {config.mode} request needs {job.rows_needed} rows; the engine has "
+                             f"{self.max_rows}")
+        with self._wake:
+            self.waiting.append(job)
+            self.counters["requests"] += 1
+            self._wake.notify()
+        return job
+
+    def run(self, jobs: list[Job]) -> list[Done]:
+        """Step until every one of ``jobs`` is done; their Done events in order."""
+        while not all(job.finished for job in jobs):
+            self.step()
+        return [job.finished for job in jobs]
+
+    def iterate(self, job: Job, events: collections.deque[Event]) -> Iterator[Event]:
+        """Step until ``job`` is done, yielding the events its sink (``events.append``) collected."""
+        try:
+            while True:
+                if not events:
+                    self.step()
+                while events:
+                    event = events.popleft()
+                    yield event
+                    if isinstance(event, Done):
+                        return
+        finally:
+            if job.finished is None:
+                job.cancel()
+                with self._lock:
+                    self._reap()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.rows or self.waiting)
+
+    def stats(self) -> dict[str, int]:
+        return {**self.counters, "running": len(self.jobs), "waiting": len(self.waiting),
+                "rows": len(self.rows), "cache_tokens": self.cache.max_len * self.max_rows}
+
+    # ------------------------------------------------------------------------------- the stepping
+
+    @torch.inference_mode()
+    def step(self) -> bool:
+        """Admit waiting requests, sample one token per live row and feed them all; False when idle."""
+        with self._lock:
+            was_training = self.model.training
+            self.model.eval()
+            try:
+                return self._step()
+            finally:
+                self.model.train(was_training)
+
+    def _step(self) -> bool:
+        self._heads()
+        self._reap()
+        self._admit()
+        if not self.rows:
+            if not self.waiting and self.cache.max_len > 256:  # idle: give back a grown cache
+                self.cache = self.model.new_cache(self.max_rows, min(256, self.max_seq_len))
+            return False
+        feed = self._sample()
+        if feed:
+            self._feed(feed)
+        for job in list(self.jobs):
+            if job.mode != "text" and job.seq[-1] == self.vocab.boi_id and not job.in_image:
+                self._open_image(job)  # a sampled <racm3:break>, now in the full row's cache
+        self.counters["steps"] += 1
+        return True
+
+    def start(self) -> None:
+        """Step in a background thread whenever there is work (until :meth:`stop`)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="chameleon-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self.busy and not self._stopping:
+                    self._wake.wait()
+                if self._stopping:
+                    return
+            try:
+                self.step()
+            except Exception as e:
+                self._fail_all(f"{type(e).__name__}: {e}")
+
+    def _fail_all(self, message: str) -> None:
+        """End every admitted job with an error and start from an empty batch (waiting jobs stay)."""
+        with self._lock:
+            self.rows.clear()
+            for job in self.jobs:
+                job.rows.clear()
+            for job in list(self.jobs):
+                self._finish(job, "error", error=message)
+            self.jobs.clear()
+            self.reserved = 0
+            self.cache.host_lengths[:] = 0
+            self.counters["engine_errors"] += 1
+
+    # ------------------------------------------------------------------------------------ internals
+
+    def _heads(self) -> None:
+        """The packed text and image rows of the output head (rebuilt when its weight changes)."""
+        head = self.model.output
+        key = tuple((t.data_ptr(), _version(t)) for t in itertools.chain(head.parameters(), head.buffers()))
+        if key != self._heads_key:
+            w = head.effective_weight() if hasattr(head, "effective_weight") else head.weight
+            self.text_head = PackedMatrix(w.detach()[self.text_ids], self.pack)
+            self.image_head = PackedMatrix(w.detach()[self.vocab.image_start : self.vocab.image_end],
+                                           self.pack)
+            self._heads_key = key
+
+    def _reap(self) -> None:
+        now = time.monotonic()
+        with self._wake:
+            waiting = list(self.waiting)
+        for job in list(self.jobs) + waiting:
+            if job.cancelled:
+                self._finish(job, "cancelled")
+            elif job.deadline is not None and now > job.deadline:
+                self._finish(job, "timeout")
+
+    def _admit(self) -> None:
+        while self.waiting and self.reserved + self.waiting[0].rows_needed <= self.max_rows:
+            with self._wake:
+                job = self.waiting.popleft()
+            self.reserved += job.rows_needed
+            self.jobs.append(job)
+            self._prefill(self._alloc(job, "full"), job.seq)
+            self.counters["prompt_tokens"] += len(job.seq)
+            if job.mode != "text" and job.seq[-1] == self.vocab.boi_id:
+                self._open_image(job)
+
+    def _alloc(self, job: Job, role: str) -> _Row:
+        row = _Row(job, role, len(self.rows))
+        self.rows.append(row)
+        job.rows.append(row)
+        self.cache.host_lengths[row.slot] = 0
+        return row
+
+    def _free(self, row: _Row) -> None:
+        last = self.rows.pop()
+        if last is not row:
+            self.cache.move(last.slot, row.slot)
+            self.h[row.slot] = self.h[last.slot]
+            last.slot = row.slot
+            self.rows[row.slot] = last
+        self.cache.host_lengths[len(self.rows)] = 0
+        row.job.rows.remove(row)
+
+    def _room(self, need: int) -> None:
+        if need > self.cache.max_len:
+            self.cache.grow(min(self.max_seq_len, max(need, 2 * self.cache.max_len)))
+
+    def _prefill(self, row: _Row, ids: list[int]) -> None:
+        self._room(len(ids))
+        view = self.cache.rows(slice(row.slot, row.slot + 1))
+        x = torch.tensor([ids], dtype=torch.long, device=self.device)
+        self.h[row.slot] = self.model.hidden_states(x, view)[0, -1]
+
+    def _open_image(self, job: Job) -> None:
+        """Add the two guidance rows of an image block (prefilled alone; the full row is kept)."""
+        if job.detok is not None and (tail := job.detok.flush()):
+            job._emit(TextDelta(tail))
+        image_ctx = [t for t in job.seq if self.image_context[t]]
+        for role, ids in (("image", image_ctx), ("uncond", [self.vocab.bos_id, self.vocab.boi_id])):
+            self._prefill(self._alloc(job, role), ids)
+        job.codes = []
+
+    def _sample(self) -> list[tuple[_Row, int]]:
+        """Choose every live row's next token; finished jobs leave. Returns (row, token) to feed."""
+        text_jobs = [j for j in self.jobs if not j.in_image and not j.forced]
+        image_jobs = [j for j in self.jobs if j.in_image]
+        chosen: dict[int, int] = {}  # job id -> token
+        if text_jobs:
+            slots = torch.tensor([j.rows[0].slot for j in text_jobs], device=self.device)
+            logits = self.text_head(self.h[slots]).float()  # [B, Vt]
+            for group, idx in _groups(text_jobs, lambda j: j.config.text):
+                cfg = group.config.text
+                scores = logits[idx] if len(idx) < len(text_jobs) else logits
+                allowed = torch.stack([self._allowed(text_jobs[i]) for i in idx])
+                scores = penalize(allow_only(scores, allowed),
+                                  torch.stack([text_jobs[i].seen for i in idx]), cfg.repetition_penalty)
+                if not cfg.greedy:
+                    scores = warp(scores, cfg.temperature, cfg.top_k, cfg.top_p)
+                toks = self.text_ids[sample(scores, [text_jobs[i].generator for i in idx], cfg.greedy)]
+                for i, tok in zip(idx, toks.tolist()):
+                    chosen[text_jobs[i].id] = tok
+        if image_jobs:
+            slots = torch.tensor([r.slot for role in range(3) for r in (j.rows[role] for j in image_jobs)],
+                                 device=self.device)
+            full, image, uncond = self.image_head(self.h[slots]).float().split(len(image_jobs))
+            for group, idx in _groups(image_jobs, lambda j: j.config.image):
+                cfg = group.config.image
+                mix = cfg_mix(full[idx], image[idx], uncond[idx], cfg.cfg_text, cfg.cfg_image)  # [b, K]
+                scores = mix if cfg.greedy else warp(mix, cfg.temperature, cfg.top_k, cfg.top_p)
+                codes = sample(scores, [image_jobs[i].generator for i in idx], cfg.greedy)
+                for i, code in zip(idx, codes.tolist()):
+                    chosen[image_jobs[i].id] = self.vocab.image_start + code
+        feed: list[tuple[_Row, int]] = []
+        for job in list(self.jobs):
+            if job.forced:
+                feed.append((job.rows[0], job.forced.popleft()))
+            elif job.in_image:
+                feed += self._accept_code(job, chosen[job.id])
+            else:
+                feed += self._accept_text(job, chosen[job.id])
+        return feed
+
+    def _allowed(self, job: Job) -> torch.Tensor:
+        """The text-head words a text step of ``job`` may sample ``[Vt]``."""
+        fits_image = job.mode == "interleaved" and job.limit - len(job.seq) >= self.image_seq_len + 2
+        allowed = self.text_or_image_allowed if fits_image else self.text_allowed
+        if len(job.seq) - job.start < job.config.min_new_tokens:
+            allowed = allowed & self.not_eos
+        return allowed
+
+    def _accept_text(self, job: Job, tok: int) -> list[tuple[_Row, int]]:
+        job.seq.append(tok)
+        job._see([tok])
+        self.counters["text_tokens"] += 1
+        if tok == self.vocab.eos_id:
+            self._finish(job, "stop")
+            return []
+        if tok != self.vocab.boi_id and job.detok is not None and (delta := job.detok.push(tok)):
+            job._emit(TextDelta(delta))
+        if len(job.seq) >= job.limit:
+            self._finish(job, "length")
+            return []
+        return [(job.rows[0], tok)]
+
+    def _accept_code(self, job: Job, tok: int) -> list[tuple[_Row, int]]:
+        n = self.image_seq_len
+        job.codes.append(tok - self.vocab.image_start)
+        job.seq.append(tok)
+        self.counters["image_tokens"] += 1
+        done = len(job.codes)
+        if done % job.config.progress_every == 0 or done == n:
+            job._emit(ImageProgress(done, n, len(job.images), torch.tensor(job.codes)))
+        if done < n:
+            return [(row, tok) for row in job.rows]
+        job.seq.append(self.vocab.eoi_id)
+        codes = job.last_codes = torch.tensor(job.codes)
+        decoder = self.codec.image if self.codec is not None else None
+        image = None
+        if self.decode_images and decoder is not None and getattr(decoder, "can_decode", True):
+            image = decoder.decode(codes[None].to(self.device))[0]
+        job._emit(ImageComplete(codes, image, len(job.images)))
+        job.images.append(image)
+        if job.mode == "image" or len(job.seq) >= job.limit:
+            self._finish(job, "stop" if job.mode == "image" else "length")
+            return []
+        for row in job.rows[1:]:
+            self._free(row)
+        job.forced.append(self.vocab.eoi_id)
+        return [(job.rows[0], tok)]
+
+    def _feed(self, feed: list[tuple[_Row, int]]) -> None:
+        """One model call: each row's token, in slot order (every live row has one)."""
+        feed.sort(key=lambda rt: rt[0].slot)
+        n = len(self.rows)
+        assert [r.slot for r, _ in feed] == list(range(n)), "every live row feeds one token per step"
+        self._room(self.cache.length + 1)
+        x = torch.tensor([[t] for _, t in feed], dtype=torch.long, device=self.device)
+        self.h[:n] = self.model.hidden_states(x, self.cache.rows(slice(0, n)))[:, -1]
+
+    def _finish(self, job: Job, reason: str, error: str | None = None) -> None:
+        if job.finished is not None:
+            return
+        for row in list(job.rows):
+            self._free(row)
+        if job in self.jobs:
+            self.jobs.remove(job)
+            self.reserved -= job.rows_needed
+        else:
+            with self._wake:
+                if job in self.waiting:
+                    self.waiting.remove(job)
+        new = job.seq[job.start :]
+        document = None
+        try:
+            if job.detok is not None and (tail := job.detok.flush()):
+                job._emit(TextDelta(tail))
+            if self.codec is not None:
+                document = self.codec.decode(new, decode_images=False)
+                for part, image in zip(document.images, job.images):
+                    part.image = image
+        except Exception as e:
+            reason, error = "error", f"{type(e).__name__}: {e}"
+        job.finished = Done(new, document, reason, job.start, error)
+        self.counters[f"finished_{reason}"] += 1
+        job._emit(job.finished)
+
+
+def _groups(jobs: list[Job], key: Callable[[Job], object]) -> list[tuple[Job, list[int]]]:
+    """Indices of the jobs with equal sampling settings (one batched chain each), first job of each."""
+    groups: dict[tuple, list[int]] = {}
+    for i, job in enumerate(jobs):
+        groups.setdefault(tuple(sorted(vars(key(job)).items())), []).append(i)
+    return [(jobs[idx[0]], idx) for idx in groups.values()]

@@ -77,6 +77,8 @@ class GenerationConfig(Config):
     image: ImageSampling = field(default_factory=ImageSampling)
     max_new_tokens: int = 4096
     """Limit on generated tokens (text and interleaved modes; an image-mode run is always one block)."""
+    min_new_tokens: int = 0
+    """``</s>`` is not allowed before this many new tokens (fixed-length runs, e.g. benchmarks)."""
     max_seq_len: int | None = None
     """Limit on prompt + generated tokens; None = the model's ``max_seq_len``."""
     seed: int | None = None
@@ -93,6 +95,8 @@ class GenerationConfig(Config):
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.min_new_tokens < 0:
+            raise ValueError(f"min_new_tokens must be >= 0, got {self.min_new_tokens}")
         if self.max_seq_len is not None and self.max_seq_len < 2:
             raise ValueError(f"max_seq_len must be >= 2, got {self.max_seq_len}")
         if self.progress_every < 1:
@@ -140,13 +144,21 @@ def repetition_penalty(logits_BV: torch.Tensor, ids_BS: torch.Tensor, penalty: f
     """Each token of ``ids_BS`` (seen so far): score < 0 → score·penalty, else score/penalty."""
     if penalty == 1.0:
         return logits_BV
-    score = logits_BV.gather(1, ids_BS)
-    score = torch.where(score < 0, score * penalty, score / penalty)
-    return logits_BV.scatter(1, ids_BS, score)
+    seen_BV = torch.zeros_like(logits_BV, dtype=torch.bool).scatter_(1, ids_BS, True)
+    return penalize(logits_BV, seen_BV, penalty)
+
+
+def penalize(logits_BV: torch.Tensor, seen_BV: torch.Tensor, penalty: float) -> torch.Tensor:
+    """The repetition penalty on the words marked in ``seen_BV`` (bool, the ids seen so far)."""
+    if penalty == 1.0:
+        return logits_BV
+    return torch.where(seen_BV, torch.where(logits_BV < 0, logits_BV * penalty, logits_BV / penalty),
+                       logits_BV)
 
 
 def temperature(logits_BV: torch.Tensor, t: float) -> torch.Tensor:
-    return logits_BV / t
+    # a temperature below 1e-30 is argmax in effect, and dividing by it would overflow to inf
+    return logits_BV / max(t, 1e-30)
 
 
 def top_k(logits_BV: torch.Tensor, k: int) -> torch.Tensor:
@@ -200,8 +212,11 @@ def text_scores(
     return scores if cfg.greedy else warp(scores, cfg.temperature, cfg.top_k, cfg.top_p)
 
 
-def sample(scores_BV: torch.Tensor, generator: torch.Generator | None, greedy: bool) -> torch.Tensor:
+def sample(scores_BV: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None,
+           greedy: bool) -> torch.Tensor:
     """One index per row ``[B]``: the argmax, or a draw from ``softmax(scores)``.
+
+    ``generator`` may be one generator per row (each row then draws only from its own).
 
     Draws by inverting the cumulative distribution with one uniform number per row: exact, and on CPU
     ~10× faster than ``torch.multinomial``, which draws an exponential variate for every word.
@@ -210,7 +225,15 @@ def sample(scores_BV: torch.Tensor, generator: torch.Generator | None, greedy: b
         return scores_BV.argmax(-1)
     cdf_BV = scores_BV.softmax(-1).cumsum(-1)
     total_B1 = cdf_BV[:, -1:]
-    u_B1 = torch.rand(cdf_BV.shape[0], 1, generator=generator, device=cdf_BV.device, dtype=cdf_BV.dtype)
+    if isinstance(generator, list):
+        u_B1 = torch.cat([torch.rand(1, 1, generator=g, device=cdf_BV.device, dtype=cdf_BV.dtype)
+                          for g in generator])
+    else:
+        u_B1 = torch.rand(cdf_BV.shape[0], 1, generator=generator, device=cdf_BV.device,
+                          dtype=cdf_BV.dtype)
     # u·total can round up to the total; below it, the first cdf > target is always a possible word
     target_B1 = torch.minimum(u_B1 * total_B1, torch.nextafter(total_B1, torch.zeros_like(total_B1)))
-    return torch.searchsorted(cdf_BV, target_B1, right=True).squeeze(-1)
+    drawn = torch.searchsorted(cdf_BV, target_B1, right=True).squeeze(-1)
+    # Scores of +inf (a temperature so small that logits/t overflows) make the softmax NaN: the limit
+    # of sampling as t -> 0 is the argmax.
+    return torch.where(total_B1[:, 0].isfinite(), drawn, scores_BV.argmax(-1))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -121,11 +122,14 @@ def _flex_attention(q, k, v, block_mask: BlockMask, enable_gqa: bool) -> torch.T
 
 
 class KVCache:
-    """Preallocated keys and values of every layer, for incremental decoding.
+    """Preallocated keys and values of every layer, for incremental decoding, with a length per row.
 
-    Rows may be left-padded (``pad[b]`` pad tokens before row b's first real token, as in batched
-    generation with prompts of different lengths): pads are never attended to and positions start at 0
-    on each row's first real token, exactly as if the row had been run alone.
+    Row b holds ``lengths[b]`` tokens: its new tokens go to the slots after them, their positions
+    continue from there, and keys past its length (never written, or left by an earlier occupant of
+    the row) are masked. Rows of different lengths therefore decode in one batch exactly as if each ran
+    alone, without padding. :meth:`rows` gives a view of some rows (sharing storage) to run alone, e.g.
+    the prefill of one new request while the others wait; :meth:`grow` and :meth:`move` let a serving
+    engine resize the cache and keep its live rows together.
     """
 
     def __init__(
@@ -136,83 +140,94 @@ class KVCache:
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
-        pad: torch.Tensor | None = None,
     ):
         shape = (config.n_layers, batch_size, config.kv_heads, max_len, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.max_len = max_len
-        self.length = 0
-        if pad is not None:
-            pad = pad.to(device=device, dtype=torch.long)
-            if pad.shape != (batch_size,) or pad.min() < 0:
-                raise ValueError(f"pad must be non-negative of shape ({batch_size},), got {pad}")
-        self.pad = pad
+        self.host_lengths = np.zeros(batch_size, dtype=np.int64)
+        """Tokens held by each row (host copy: shapes and masks never wait for the device)."""
 
     @property
     def batch_size(self) -> int:
         return self.k.shape[1]
 
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def length(self) -> int:
+        """The longest row's length."""
+        return int(self.host_lengths.max(initial=0))
+
+    def rows(self, rows: slice) -> KVCache:
+        """A view of ``rows`` (a slice): writes through it land in this cache, lengths included."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v, view.host_lengths = self.k[:, rows], self.v[:, rows], self.host_lengths[rows]
+        return view
+
+    def grow(self, max_len: int) -> None:
+        """Make room for ``max_len`` tokens per row (a copy; views taken before are stale)."""
+        if max_len <= self.max_len:
+            return
+        n = self.length
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_zeros(*old.shape[:3], max_len, old.shape[4])
+            new[:, :, :, :n] = old[:, :, :, :n]
+            setattr(self, name, new)
+
+    def move(self, src: int, dst: int) -> None:
+        """Copy row ``src`` (its tokens and length) onto row ``dst``."""
+        n = int(self.host_lengths[src])
+        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
+        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+        self.host_lengths[dst] = n
+
+    def positions_and_mask(
+        self, T: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Positions ``[B, T]`` of T new tokens per row, and the boolean mask ``[B, 1, T, S]`` over the
+        keys they will see (None when plain causal attention or no mask at all is exact)."""
+        start = torch.from_numpy(self.host_lengths).to(device)  # [B]
+        positions = start[:, None] + torch.arange(T, device=device)  # [B, T]
+        lengths = set(self.host_lengths.tolist())
+        if lengths <= {0} or (T == 1 and len(lengths) == 1):
+            return positions, None  # causal over the new tokens only, or one query seeing every key
+        k_pos = torch.arange(self.length + T, device=device)  # [S]
+        return positions, (k_pos[None, None, :] <= positions[:, :, None])[:, None]
+
+    def check(self, B: int, T: int) -> None:
+        if self.batch_size != B:
+            raise ValueError(f"cache holds {self.batch_size} rows, input has {B}")
+        if self.length + T > self.max_len:
+            raise ValueError(f"cache overflow: {self.length} + {T} tokens > max_len {self.max_len}")
+
     def update(
         self, layer: int, k_BKTE: torch.Tensor, v_BKTE: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the new keys/values of ``layer`` and return all of them so far ``[B, K, S, E]``."""
-        end = self.length + k_BKTE.shape[2]
-        self.k[layer, :, :, self.length : end] = k_BKTE
-        self.v[layer, :, :, self.length : end] = v_BKTE
+        """Write the new keys/values of ``layer`` after each row's tokens; all keys so far ``[B, K, S, E]``
+        (S = the longest row after the write)."""
+        T, starts = k_BKTE.shape[2], self.host_lengths.tolist()
+        if len(set(starts)) <= 1:
+            s = starts[0] if starts else 0
+            self.k[layer, :, :, s : s + T] = k_BKTE
+            self.v[layer, :, :, s : s + T] = v_BKTE
+        elif T == 1:
+            rows = torch.arange(len(starts), device=self.k.device)
+            at = torch.from_numpy(self.host_lengths).to(self.k.device)
+            self.k[layer, rows, :, at] = k_BKTE[:, :, 0]
+            self.v[layer, rows, :, at] = v_BKTE[:, :, 0]
+        else:
+            for b, s in enumerate(starts):
+                self.k[layer, b, :, s : s + T] = k_BKTE[b]
+                self.v[layer, b, :, s : s + T] = v_BKTE[b]
+        end = max(starts, default=0) + T
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
-    @classmethod
-    def stack(cls, caches: list[KVCache], max_len: int | None = None) -> KVCache:
-        """The rows of several caches in one, right-aligned at the longest length (a copy).
-
-        A shorter cache's slots are shifted right and the gap counts as left padding, so every row
-        still decodes exactly as before. ``max_len`` defaults to keeping every row's free capacity.
-        """
-        length = max(c.length for c in caches)
-        shifts = [length - c.length for c in caches]
-        if max_len is None:
-            max_len = max(c.max_len + s for c, s in zip(caches, shifts))
-        if max_len < length:
-            raise ValueError(f"max_len {max_len} is shorter than the caches ({length} slots)")
-        pads = [
-            s + (c.pad if c.pad is not None else torch.zeros(c.batch_size, dtype=torch.long,
-                                                               device=c.k.device))
-            for c, s in zip(caches, shifts)
-        ]
-        out = caches[0]._empty_like(sum(c.batch_size for c in caches), max_len, torch.cat(pads))
-        row = 0
-        for c, s in zip(caches, shifts):
-            rows = slice(row, row + c.batch_size)
-            out.k[:, rows, :, s:length] = c.k[:, :, :, : c.length]
-            out.v[:, rows, :, s:length] = c.v[:, :, :, : c.length]
-            row += c.batch_size
-        out.length = length
-        return out
-
-    def select(self, rows: slice | torch.Tensor | list[int], max_len: int | None = None) -> KVCache:
-        """A copy holding only ``rows`` (their padding kept), with capacity ``max_len`` (default: same)."""
-        max_len = self.max_len if max_len is None else max_len
-        if max_len < self.length:
-            raise ValueError(f"max_len {max_len} is shorter than the cache ({self.length} slots)")
-        if not isinstance(rows, slice):
-            rows = torch.as_tensor(rows, dtype=torch.long, device=self.k.device)
-        k, v = self.k[:, rows, :, : self.length], self.v[:, rows, :, : self.length]
-        out = self._empty_like(k.shape[1], max_len, None if self.pad is None else self.pad[rows])
-        out.k[:, :, :, : self.length] = k
-        out.v[:, :, :, : self.length] = v
-        out.length = self.length
-        return out
-
-    def _empty_like(self, batch_size: int, max_len: int, pad: torch.Tensor | None) -> KVCache:
-        """An empty cache with this one's layers, heads, dtype and device (all-zero pads become None)."""
-        n_layers, _, kv_heads, _, head_dim = self.k.shape
-        out = KVCache.__new__(KVCache)
-        out.k = self.k.new_zeros(n_layers, batch_size, kv_heads, max_len, head_dim)
-        out.v = torch.zeros_like(out.k)
-        out.max_len, out.length = max_len, 0
-        out.pad = pad if pad is not None and bool(pad.any()) else None
-        return out
+    def advance(self, T: int) -> None:
+        """Count T more tokens on every row (after every layer has written them)."""
+        self.host_lengths += T
 
 
 class Attention(nn.Module):
@@ -248,7 +263,7 @@ class Attention(nn.Module):
             out = _flex_attention(q, k, v, mask, gqa)  # [B, H, T, E]
         else:
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None and cache is None and T > 1,
+                q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                 enable_gqa=gqa,
             )  # [B, H, T, E]
         return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
@@ -311,15 +326,11 @@ class Chameleon(nn.Module):
             else:
                 nn.init.ones_(p)
 
-    def new_cache(
-        self, batch_size: int, max_len: int | None = None, pad: torch.Tensor | None = None
-    ) -> KVCache:
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         """An empty KV cache on the model's device and dtype."""
         w = self.output.weight
-        return KVCache(
-            self.config, batch_size, max_len or self.config.max_seq_len,
-            device=w.device, dtype=w.dtype, pad=pad,
-        )
+        return KVCache(self.config, batch_size, max_len or self.config.max_seq_len, device=w.device,
+                       dtype=w.dtype)
 
     def hidden_states(
         self,
@@ -334,8 +345,7 @@ class Chameleon(nn.Module):
         Args:
             input_ids: ``[B, T]`` token ids.
             cache: KV cache for incremental decoding, extended in place by these tokens.
-            positions: ``[B, T]`` integer RoPE positions; default: 0, 1, … from each row's first real
-                token (after the cache's tokens and left padding).
+            positions: ``[B, T]`` integer RoPE positions; default: 0, 1, … after each row's cached tokens.
             doc_ids: ``[B, T]`` integer document of each token of packed rows: a token attends only to
                 earlier tokens with the same id (pad slots: -1, attending among themselves). Default:
                 one causal sequence per row. Not allowed with a cache.
@@ -350,13 +360,12 @@ class Chameleon(nn.Module):
                                  f"got {t.dtype} of shape {tuple(t.shape)} on {t.device}")
         if doc_ids is not None and cache is not None:
             raise ValueError("doc_ids (packed rows) cannot be used with a KV cache")
-        start = 0 if cache is None else cache.length
-        if cache is not None:
-            if cache.batch_size != B:
-                raise ValueError(f"cache holds {cache.batch_size} rows, input has {B}")
-            if start + T > cache.max_len:
-                raise ValueError(f"cache overflow: {start} + {T} tokens > max_len {cache.max_len}")
-        default_positions, mask = self._positions_and_mask(B, T, start, cache, input_ids.device)
+        if cache is None:
+            default_positions = torch.arange(T, device=input_ids.device).expand(B, T)
+            mask = None  # plain causal (SDPA is_causal)
+        else:
+            cache.check(B, T)
+            default_positions, mask = cache.positions_and_mask(T, input_ids.device)
         if positions is None:
             positions = default_positions
         if doc_ids is not None:
@@ -366,7 +375,7 @@ class Chameleon(nn.Module):
         for layer in self.layers:
             h = layer(h, cos, sin, mask, cache)
         if cache is not None:
-            cache.length += T
+            cache.advance(T)
         return self.norm(h)
 
     def forward(
@@ -389,24 +398,3 @@ class Chameleon(nn.Module):
         if targets is not None:
             return self.output(h, targets, **loss_options)
         return self.output(h).float()
-
-    @staticmethod
-    def _positions_and_mask(
-        B: int, T: int, start: int, cache: KVCache | None, device: torch.device
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per-row positions ``[B, T]`` and a boolean attention mask ``[B, 1, T, S]`` (None = causal/all)."""
-        q_pos = torch.arange(start, start + T, device=device)  # absolute slots in the cache
-        pad = cache.pad if cache is not None else None
-        if pad is None:
-            positions = q_pos.expand(B, T)
-            if cache is None or T == 1:
-                return positions, None  # plain causal (SDPA is_causal), or one query seeing all keys
-            k_pos = torch.arange(start + T, device=device)
-            return positions, (k_pos[None, :] <= q_pos[:, None])[None, None]
-        positions = (q_pos[None, :] - pad[:, None]).clamp(min=0)
-        k_pos = torch.arange(start + T, device=device)
-        causal = k_pos[None, None, :] <= q_pos[None, :, None]  # [1, T, S]
-        real = k_pos[None, None, :] >= pad[:, None, None]  # [B, 1, S]
-        # A pad query attends to itself only, so no row of the mask is empty (SDPA would give NaN).
-        own = k_pos[None, None, :] == q_pos[None, :, None]
-        return positions, ((causal & real) | own)[:, None]
