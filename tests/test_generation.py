@@ -421,11 +421,11 @@ def test_interleaved_stream_events_and_no_reprefill(codec):
     n_images = len(done.document.images)
     assert n_images >= 2 and done.document.text  # both modalities appeared
     assert calls[0] == (1, len(ids))  # one prefill of the prompt …
-    # … then, per image, only the guidance rows, each alone (image-conditioned: <s>, earlier images
-    # and BOI; unconditioned: <s> BOI); every other call is one token per row.
+    # … then, per image, only the guidance rows, packed in one call (image-conditioned: <s>, earlier
+    # images and BOI; unconditioned: <s> BOI); every other call is one token per row.
     image_only = [1 + (N + 2) * k + 1 for k in range(n_images)]
     prefills = [c for c in calls[1:] if c[1] > 1]
-    assert prefills == [x for n in image_only for x in ((1, n), (1, 2))]
+    assert prefills == [(1, n + 2) for n in image_only]
     assert all(t == 1 or b == 1 for b, t in calls[1:])
     assert [c for c in calls if c[0] == 3] == [(3, 1)] * ((N - 1) * n_images)
     full_row_tokens = len(ids) + sum(1 for c in calls[1:] if c[1] == 1)

@@ -17,6 +17,7 @@ ALLOWED = {
     "checkpoints": {"utils", "tokenizers", "documents", "model"},
     "training": {"utils", "tokenizers", "documents", "data", "model", "checkpoints"},
     "generation": {"utils", "tokenizers", "documents", "model", "checkpoints"},
+    "serve": {"utils", "tokenizers", "documents", "data", "model", "checkpoints", "generation"},
     "eval": {"utils", "tokenizers", "documents", "data", "model", "checkpoints", "generation"},
 }
 TOP_LEVEL = {"__init__", "__main__", "cli", "quickstart"}  # entry points may import every stage

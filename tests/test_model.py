@@ -174,3 +174,22 @@ def test_explicit_positions_and_one_document_match_the_default():
     packed = model(ids, positions=positions, doc_ids=two_docs)
     torch.testing.assert_close(packed[:, 4:], model(ids[:, 4:]), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(packed[:, :4], ref[:, :4], atol=1e-5, rtol=1e-5)
+
+
+def test_packed_prefill_fills_each_row_as_if_alone():
+    cfg = ChameleonConfig.preset("tiny")
+    model = Chameleon(cfg).eval()
+    seqs = [torch.randint(0, cfg.vocab_size, (n,)) for n in (7, 3, 5)]
+    cache = model.new_cache(4, max_len=16)
+    model(seqs[0][None], cache.rows(slice(0, 1)))  # row 0 already busy; rows 1-3 are new
+    h = model.hidden_states(torch.cat(seqs)[None], cache.packed([1, 2, 3], [7, 3, 5]))[0]
+    assert cache.host_lengths.tolist() == [7, 7, 3, 5]
+    for seq, end in zip(seqs, (6, 9, 14)):
+        torch.testing.assert_close(h[end], model.hidden_states(seq[None])[0, -1], atol=1e-5, rtol=1e-5)
+    nxt = torch.randint(0, cfg.vocab_size, (4, 1))
+    step = model(nxt, cache)[:, 0]
+    for row, seq in enumerate([seqs[0]] + seqs):
+        alone = model(torch.cat([seq, nxt[row]])[None])[0, -1]
+        torch.testing.assert_close(step[row], alone, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="empty cache rows"):
+        cache.packed([0], [2])

@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     from chameleon_lm.checkpoints import convert
     from chameleon_lm.eval import cli as eval_cli
     from chameleon_lm.generation import cli as generation_cli
+    from chameleon_lm.serve import cli as serve_cli
     from chameleon_lm.training import cli as training_cli
     from chameleon_lm.training import memory
     from chameleon_lm.training.vqgan import cli as vqgan_cli
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     vqgan_cli.add_cli(tokenizer)
     memory.add_cli(sub)
     generation_cli.add_cli(sub)
+    serve_cli.add_cli(sub)
     convert.add_cli(sub)
     eval_cli.add_cli(sub)
     quickstart.add_cli(sub)

@@ -40,14 +40,7 @@ from PIL import Image
 
 from chameleon_lm.documents import Document, DocumentCodec
 from chameleon_lm.generation.packed import PackedMatrix, _version, pack_linears
-from chameleon_lm.generation.sampling import (
-    GenerationConfig,
-    allow_only,
-    cfg_mix,
-    penalize,
-    sample,
-    warp,
-)
+from chameleon_lm.generation.sampling import GenerationConfig, cfg_mix, forbid, penalize, sample, warp
 from chameleon_lm.model import Chameleon
 from chameleon_lm.tokenizers.text import TextTokenizer
 from chameleon_lm.tokenizers.vocab import IMAGE, TEXT, Vocab
@@ -206,6 +199,27 @@ class _Row:
         self.job, self.role, self.slot = job, role, slot
 
 
+def plan_request(vocab: Vocab, ids: list[int], config: GenerationConfig, image_seq_len: int,
+                 max_seq_len: int) -> tuple[list[int], int, int]:
+    """A request's sequence (BOI appended in image mode), where its new ids start and its length
+    limit; ``ValueError`` for a prompt that is empty, out of the vocabulary or leaves no room."""
+    n, mode = image_seq_len, config.mode
+    if not ids:
+        raise ValueError("empty prompt")
+    if min(ids) < 0 or max(ids) >= vocab.size:
+        raise ValueError(f"prompt ids must be in [0, {vocab.size})")
+    if mode == "image" and ids[-1] != vocab.boi_id:
+        ids = ids + [vocab.boi_id]
+    opened = mode != "text" and ids[-1] == vocab.boi_id
+    start = len(ids) - opened  # new ids begin here (an open BOI counts as new)
+    budget = n + 2 if mode == "image" else config.max_new_tokens
+    limit = min(min(config.max_seq_len or max_seq_len, max_seq_len), start + budget)
+    if len(ids) >= limit or (opened and len(ids) + n + 1 > limit):
+        raise ValueError(f"a prompt of {start} tokens leaves no room to generate "
+                         f"(limit {limit}, {n + 2} tokens per image block)")
+    return list(ids), start, limit
+
+
 class Job:
     """One request inside the engine: its sequence, sampling state and rows. Made by :meth:`Engine.submit`."""
 
@@ -213,24 +227,11 @@ class Job:
 
     def __init__(self, engine: Engine, ids: list[int], config: GenerationConfig, sink: Sink | None,
                  timeout: float | None):
-        vocab, n, mode = engine.vocab, engine.image_seq_len, config.mode
-        if not ids:
-            raise ValueError("empty prompt")
-        if min(ids) < 0 or max(ids) >= vocab.size:
-            raise ValueError(f"prompt ids must be in [0, {vocab.size})")
-        if mode == "image" and ids[-1] != vocab.boi_id:
-            ids = ids + [vocab.boi_id]
+        mode = config.mode
+        self.seq, self.start, self.limit = plan_request(engine.vocab, ids, config, engine.image_seq_len,
+                                                        engine.max_seq_len)
         self.id = next(Job._ids)
         self.engine, self.config, self.mode, self.sink = engine, config, mode, sink
-        self.seq = list(ids)
-        opened = mode != "text" and ids[-1] == vocab.boi_id
-        self.start = len(ids) - opened  # new ids begin here (an open BOI counts as new)
-        budget = n + 2 if mode == "image" else config.max_new_tokens
-        max_seq_len = min(config.max_seq_len or engine.max_seq_len, engine.max_seq_len)
-        self.limit = min(max_seq_len, self.start + budget)
-        if len(ids) >= self.limit or (opened and len(ids) + n + 1 > self.limit):
-            raise ValueError(f"a prompt of {self.start} tokens leaves no room to generate "
-                             f"(limit {self.limit}, {n + 2} tokens per image block)")
         self.rows_needed = 1 if mode == "text" else 3
         self.generator = torch.Generator(device=engine.device)
         if config.seed is None:
@@ -246,7 +247,7 @@ class Job:
         self.forced: collections.deque[int] = collections.deque()  # already in seq, still to feed
         self.images: list[Image.Image | None] = []
         self.detok = _Detokenizer(engine.codec.text) if engine.codec is not None else None
-        self.seen = torch.zeros(engine.text_ids.numel(), dtype=torch.bool, device=engine.device)
+        self.seen: dict[int, None] = {}  # text-head columns of the ids so far (repetition penalty)
         self._see(self.seq)
 
     @property
@@ -258,8 +259,8 @@ class Job:
         self.cancelled = True
 
     def _see(self, ids: list[int]) -> None:
-        index = self.engine.text_index[torch.tensor(ids, device=self.engine.device)]
-        self.seen[index[index >= 0]] = True
+        column = self.engine.text_column
+        self.seen.update((column[t], None) for t in ids if column[t] >= 0)
 
     def _emit(self, event: Event) -> None:
         if self.sink is not None:
@@ -304,19 +305,17 @@ class Engine:
         text = classes == TEXT
         text[[vocab.eos_id, vocab.boi_id]] = True
         self.text_ids = text.nonzero()[:, 0].to(self.device)  # [Vt] the text rows of the head
-        self.text_index = torch.full((V,), -1, dtype=torch.long)
-        self.text_index[self.text_ids.cpu()] = torch.arange(self.text_ids.numel())
-        self.text_index = self.text_index.to(self.device)
-        self.text_allowed = (self.text_ids != vocab.boi_id)  # [Vt]: text mode, or no room for an image
-        self.text_or_image_allowed = torch.ones_like(self.text_allowed)
-        self.not_eos = self.text_ids != vocab.eos_id
+        column = torch.full((V,), -1, dtype=torch.long)
+        column[self.text_ids.cpu()] = torch.arange(self.text_ids.numel())
+        self.text_column: list[int] = column.tolist()  # id -> its column in the text head, or -1
+        self.boi_column, self.eos_column = self.text_column[vocab.boi_id], self.text_column[vocab.eos_id]
         keep = classes == IMAGE
         keep[[vocab.bos_id, vocab.boi_id, vocab.eoi_id]] = True
         self.image_context: list[bool] = keep.tolist()  # what the image-conditioned row keeps
         self._heads_key: tuple | None = None
         self._heads()
         self.cache = model.new_cache(max_rows, min(256, self.max_seq_len))
-        self.h = torch.zeros(max_rows, model.config.dim, dtype=self.cache.k.dtype, device=self.device)
+        self.h = torch.zeros(max_rows, model.config.dim, dtype=model.output.weight.dtype, device=self.device)
         self.rows: list[_Row] = []
         self.jobs: list[Job] = []  # admitted, in order
         self.waiting: collections.deque[Job] = collections.deque()
@@ -383,12 +382,13 @@ class Engine:
     def step(self) -> bool:
         """Admit waiting requests, sample one token per live row and feed them all; False when idle."""
         with self._lock:
-            was_training = self.model.training
-            self.model.eval()
+            if not self.model.training:
+                return self._step()
+            self.model.eval()  # dropout off while generating, then back (train() walks every module)
             try:
                 return self._step()
             finally:
-                self.model.train(was_training)
+                self.model.train()
 
     def _step(self) -> bool:
         self._heads()
@@ -401,9 +401,9 @@ class Engine:
         feed = self._sample()
         if feed:
             self._feed(feed)
-        for job in list(self.jobs):
-            if job.mode != "text" and job.seq[-1] == self.vocab.boi_id and not job.in_image:
-                self._open_image(job)  # a sampled <racm3:break>, now in the full row's cache
+        # a sampled <racm3:break>, now in the full row's cache, opens an image block
+        self._open_images([job for job in self.jobs if job.mode != "text" and not job.in_image
+                           and job.seq[-1] == self.vocab.boi_id])
         self.counters["steps"] += 1
         return True
 
@@ -470,15 +470,17 @@ class Engine:
                 self._finish(job, "timeout")
 
     def _admit(self) -> None:
+        admitted = []
         while self.waiting and self.reserved + self.waiting[0].rows_needed <= self.max_rows:
             with self._wake:
                 job = self.waiting.popleft()
             self.reserved += job.rows_needed
             self.jobs.append(job)
-            self._prefill(self._alloc(job, "full"), job.seq)
+            admitted.append((self._alloc(job, "full"), job.seq))
             self.counters["prompt_tokens"] += len(job.seq)
-            if job.mode != "text" and job.seq[-1] == self.vocab.boi_id:
-                self._open_image(job)
+        self._prefill(admitted)
+        self._open_images([row.job for row, _ in admitted
+                           if row.job.mode != "text" and row.job.seq[-1] == self.vocab.boi_id])
 
     def _alloc(self, job: Job, role: str) -> _Row:
         row = _Row(job, role, len(self.rows))
@@ -501,20 +503,33 @@ class Engine:
         if need > self.cache.max_len:
             self.cache.grow(min(self.max_seq_len, max(need, 2 * self.cache.max_len)))
 
-    def _prefill(self, row: _Row, ids: list[int]) -> None:
-        self._room(len(ids))
-        view = self.cache.rows(slice(row.slot, row.slot + 1))
-        x = torch.tensor([ids], dtype=torch.long, device=self.device)
-        self.h[row.slot] = self.model.hidden_states(x, view)[0, -1]
+    def _prefill(self, rows: list[tuple[_Row, list[int]]], budget: int = 2048) -> None:
+        """Prefill new rows, packed into one input row per ``budget`` tokens (no padding)."""
+        while rows:
+            take, total = 0, 0
+            while take < len(rows) and (take == 0 or total + len(rows[take][1]) <= budget):
+                total += len(rows[take][1])
+                take += 1
+            chunk, rows = rows[:take], rows[take:]
+            lengths = [len(ids) for _, ids in chunk]
+            self._room(max(lengths))
+            view = self.cache.packed([row.slot for row, _ in chunk], lengths)
+            x = torch.tensor([[t for _, ids in chunk for t in ids]], dtype=torch.long, device=self.device)
+            h = self.model.hidden_states(x, view)[0]
+            ends = torch.tensor(lengths, device=self.device).cumsum(0) - 1
+            self.h[torch.tensor([row.slot for row, _ in chunk], device=self.device)] = h[ends]
 
-    def _open_image(self, job: Job) -> None:
-        """Add the two guidance rows of an image block (prefilled alone; the full row is kept)."""
-        if job.detok is not None and (tail := job.detok.flush()):
-            job._emit(TextDelta(tail))
-        image_ctx = [t for t in job.seq if self.image_context[t]]
-        for role, ids in (("image", image_ctx), ("uncond", [self.vocab.bos_id, self.vocab.boi_id])):
-            self._prefill(self._alloc(job, role), ids)
-        job.codes = []
+    def _open_images(self, jobs: list[Job]) -> None:
+        """Add the two guidance rows of each job's image block (prefilled; the full row is kept)."""
+        rows = []
+        for job in jobs:
+            if job.detok is not None and (tail := job.detok.flush()):
+                job._emit(TextDelta(tail))
+            image_ctx = [t for t in job.seq if self.image_context[t]]
+            rows += [(self._alloc(job, "image"), image_ctx),
+                     (self._alloc(job, "uncond"), [self.vocab.bos_id, self.vocab.boi_id])]
+            job.codes = []
+        self._prefill(rows)
 
     def _sample(self) -> list[tuple[_Row, int]]:
         """Choose every live row's next token; finished jobs leave. Returns (row, token) to feed."""
@@ -527,9 +542,8 @@ class Engine:
             for group, idx in _groups(text_jobs, lambda j: j.config.text):
                 cfg = group.config.text
                 scores = logits[idx] if len(idx) < len(text_jobs) else logits
-                allowed = torch.stack([self._allowed(text_jobs[i]) for i in idx])
-                scores = penalize(allow_only(scores, allowed),
-                                  torch.stack([text_jobs[i].seen for i in idx]), cfg.repetition_penalty)
+                scores = forbid(scores, [self._forbidden(text_jobs[i]) for i in idx])
+                scores = penalize(scores, [list(text_jobs[i].seen) for i in idx], cfg.repetition_penalty)
                 if not cfg.greedy:
                     scores = warp(scores, cfg.temperature, cfg.top_k, cfg.top_p)
                 toks = self.text_ids[sample(scores, [text_jobs[i].generator for i in idx], cfg.greedy)]
@@ -556,13 +570,13 @@ class Engine:
                 feed += self._accept_text(job, chosen[job.id])
         return feed
 
-    def _allowed(self, job: Job) -> torch.Tensor:
-        """The text-head words a text step of ``job`` may sample ``[Vt]``."""
+    def _forbidden(self, job: Job) -> list[int]:
+        """The text-head columns a text step of ``job`` may not sample (the head has no image rows)."""
         fits_image = job.mode == "interleaved" and job.limit - len(job.seq) >= self.image_seq_len + 2
-        allowed = self.text_or_image_allowed if fits_image else self.text_allowed
+        out = [] if fits_image else [self.boi_column]
         if len(job.seq) - job.start < job.config.min_new_tokens:
-            allowed = allowed & self.not_eos
-        return allowed
+            out.append(self.eos_column)
+        return out
 
     def _accept_text(self, job: Job, tok: int) -> list[tuple[_Row, int]]:
         job.seq.append(tok)

@@ -142,18 +142,36 @@ def allow_only(logits_BV: torch.Tensor, allowed_V: torch.Tensor) -> torch.Tensor
 
 def repetition_penalty(logits_BV: torch.Tensor, ids_BS: torch.Tensor, penalty: float) -> torch.Tensor:
     """Each token of ``ids_BS`` (seen so far): score < 0 → score·penalty, else score/penalty."""
-    if penalty == 1.0:
-        return logits_BV
-    seen_BV = torch.zeros_like(logits_BV, dtype=torch.bool).scatter_(1, ids_BS, True)
-    return penalize(logits_BV, seen_BV, penalty)
+    return penalize(logits_BV, ids_BS, penalty)
 
 
-def penalize(logits_BV: torch.Tensor, seen_BV: torch.Tensor, penalty: float) -> torch.Tensor:
-    """The repetition penalty on the words marked in ``seen_BV`` (bool, the ids seen so far)."""
+def penalize(logits_BV: torch.Tensor, seen: torch.Tensor | list[list[int]], penalty: float) -> torch.Tensor:
+    """The repetition penalty on the columns ``seen`` (``[B, S]`` ids, or a list of them per row; a row
+    may repeat ids). Touches only those columns: sequences are much shorter than the vocabulary."""
     if penalty == 1.0:
         return logits_BV
-    return torch.where(seen_BV, torch.where(logits_BV < 0, logits_BV * penalty, logits_BV / penalty),
-                       logits_BV)
+    keep = None
+    if isinstance(seen, list):
+        width = max(map(len, seen), default=0)
+        if width == 0:
+            return logits_BV
+        keep = torch.tensor([not row for row in seen], device=logits_BV.device)[:, None]  # empty rows
+        seen = torch.tensor([row + row[:1] * (width - len(row)) if row else [0] * width for row in seen],
+                            dtype=torch.long, device=logits_BV.device)
+    score = logits_BV.gather(1, seen)
+    new = torch.where(score < 0, score * penalty, score / penalty)
+    return logits_BV.scatter(1, seen, new if keep is None else torch.where(keep, score, new))
+
+
+def forbid(logits_BV: torch.Tensor, columns: list[list[int]]) -> torch.Tensor:
+    """−inf at the given columns of each row (a few per row: cheaper than a ``[B, V]`` mask)."""
+    rows = [r for r, cols in enumerate(columns) for _ in cols]
+    if not rows:
+        return logits_BV
+    cols = [c for cols in columns for c in cols]
+    out = logits_BV.clone()
+    out[rows, cols] = float("-inf")
+    return out
 
 
 def temperature(logits_BV: torch.Tensor, t: float) -> torch.Tensor:
