@@ -559,3 +559,18 @@ def test_sampling_at_a_vanishing_temperature_is_the_argmax():
     g = torch.Generator().manual_seed(0)
     assert S.sample(scores, g, greedy=False).tolist() == [1, 0]
     assert S.sample(scores, [torch.Generator().manual_seed(i) for i in range(2)], greedy=False).tolist() == [1, 0]
+
+
+def test_packed_bf16_linears_equal_plain_bf16(codec):
+    from chameleon_lm.generation.packed import PackedLinear, pack_linears, supported
+
+    m = Chameleon(ChameleonConfig.preset("tiny", vocab_size=len(codec.text))).to(torch.bfloat16).eval()
+    if not supported(m.layers[0].attention.wq.weight):
+        pytest.skip("no native bf16 oneDNN kernels on this CPU")
+    ids = torch.randint(0, len(codec.text), (2, 5))
+    with torch.inference_mode():
+        plain = m(ids)
+    pack_linears(m)
+    assert isinstance(m.layers[0].feed_forward.w2, PackedLinear)
+    with torch.inference_mode():
+        torch.testing.assert_close(m(ids), plain, rtol=0, atol=0)

@@ -1,4 +1,4 @@
-"""oneDNN-prepacked weights for decoding on CPU in fp32.
+"""oneDNN-prepacked weights for decoding on CPU in fp32 (and bf16 where the CPU has bf16 instructions).
 
 Decoding multiplies a handful of rows by every weight matrix, so its speed is how fast the weights
 stream from memory. PyTorch's default CPU matmul (MKL) reads an ``[out, in]`` matrix at a third to a
@@ -11,7 +11,7 @@ also faster for prefill. PyTorch ships both the reorder and the primitive (they 
   :class:`PackedLinear` holding the same weight parameter and a packed copy (a non-persistent buffer):
   names, parameters and checkpoints are unchanged, and since nothing is patched per call, any number of
   threads may run the model. The packed copy is used only under ``torch.no_grad``/``inference_mode``
-  for fp32 CPU inputs and while the weight is unchanged (its version counter; a write through
+  for CPU inputs of the weight's dtype and while the weight is unchanged (its version counter; a write through
   ``weight.data`` bypasses the counter and is not seen): anything else goes through ``F.linear``.
 - :class:`PackedMatrix` is a packed ``x @ w.T`` for a matrix of its own (the engine's text and image
   rows of the output head).
@@ -44,9 +44,13 @@ def _version(weight: torch.Tensor) -> int | None:
 
 
 def supported(weight: torch.Tensor) -> bool:
-    """fp32 on CPU and PyTorch's oneDNN reorder present."""
-    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-            and weight.device.type == "cpu" and weight.dtype == torch.float32)
+    """On CPU, in fp32 (or bf16 where oneDNN has native bf16 kernels), with PyTorch's oneDNN reorder."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            and weight.device.type == "cpu"):
+        return False
+    if weight.dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return weight.dtype == torch.float32
 
 
 def fits(nbytes: int) -> bool:
@@ -62,7 +66,7 @@ def _packed_matmul(
     x: torch.Tensor, packed: torch.Tensor, weight: torch.Tensor, version: int | None
 ) -> torch.Tensor:
     """``x @ weight.T`` with the packed copy where that is valid, else plain ``F.linear``."""
-    if (torch.is_grad_enabled() or x.dtype != torch.float32 or x.device.type != "cpu"
+    if (torch.is_grad_enabled() or x.dtype != weight.dtype or x.device.type != "cpu"
             or _version(weight) != version):
         return F.linear(x, weight)
     y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, None, "none", [], "")
@@ -100,13 +104,14 @@ def _plain_linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
 def pack_linears(model: nn.Module) -> int:
     """Swap the model's bias-free ``nn.Linear`` layers for :class:`PackedLinear` (stale ones repacked).
 
-    Only fp32 CPU weights are packed, and only when the copies fit in half the free memory. Returns the
+    Only CPU weights in fp32 (or bf16, see :func:`supported`) are packed, and only when the copies fit
+    in half the free memory. Returns the
     number of packed layers in the model afterwards.
     """
     with _LOCK:
         layers = [x for x in _plain_linears(model) if supported(x[2].weight)]
         todo = [x for x in layers if type(x[2]) is nn.Linear or x[2].stale]
-        nbytes = sum(x[2].weight.numel() * 4 for x in todo if type(x[2]) is nn.Linear)
+        nbytes = sum(x[2].weight.nbytes for x in todo if type(x[2]) is nn.Linear)
         if todo and not fits(nbytes):
             return sum(type(x[2]) is PackedLinear for x in layers)
         for parent, name, layer in todo:
@@ -132,7 +137,7 @@ class PackedMatrix:
 
     def __init__(self, w: torch.Tensor, pack: bool = True):
         self.w = w.detach()
-        self.packed = _pack(self.w) if pack and supported(self.w) and fits(self.w.numel() * 4) else None
+        self.packed = _pack(self.w) if pack and supported(self.w) and fits(self.w.nbytes) else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None:

@@ -86,9 +86,9 @@ class GenerationConfig(Config):
     progress_every: int = 32
     """``stream`` reports image progress every this many codes (and at the last one)."""
     cpu_packed_weights: bool = True
-    """On CPU in fp32, run the linear layers on oneDNN-prepacked copies of their weights
-    (``generation/packed.py``): 1.4–2.4× faster decoding on the ``small`` preset, for one extra copy of
-    the weights in memory (skipped when that would not fit in half the free memory)."""
+    """On CPU (fp32, or bf16 with bf16 instructions), run the linear layers on oneDNN-prepacked weights
+    (``generation/packed.py``; speed-ups in bench/RESULTS.md), for one extra copy of the weights in
+    memory (skipped when that would not fit in half the free memory)."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
