@@ -19,3 +19,21 @@ def write_tiny_tokenizers(folder, corpus):
     ImageTokenizer(VQGAN(vq)).save(folder)
     train_text_tokenizer(corpus, 600, codebook_size=vq.n_embed).save(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, which crawl (spin-waiting) on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def shapes_codec(codebook_size: int = 64, image_seq_len: int = 16):
+    """A DocumentCodec with a BPE trained on two shapes sentences and no image tokenizer."""
+    from chameleon_lm import DocumentCodec, train_text_tokenizer
+
+    corpus = ["a red circle turns blue and moves to the left", "Describe the picture:"] * 100
+    return DocumentCodec(train_text_tokenizer(corpus, 600, codebook_size=codebook_size),
+                         image_seq_len=image_seq_len)

@@ -4,26 +4,21 @@ import threading
 
 import pytest
 import torch
+from conftest import shapes_codec
 
-from chameleon_lm import Chameleon, ChameleonConfig, Document, DocumentCodec, train_text_tokenizer
+from chameleon_lm import Chameleon, ChameleonConfig, Document
 from chameleon_lm.generation import GenerationConfig, ImageSampling, TextSampling
 from chameleon_lm.generation.engine import Done, Engine, ImageComplete, ImageProgress, TextDelta
 
 K, N = 64, 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def codec():
-    corpus = ["a red circle turns blue and moves to the left", "Describe the picture:"] * 100
-    return DocumentCodec(train_text_tokenizer(corpus, 600, codebook_size=K), image_seq_len=N)
+    return shapes_codec(K, N)
 
 
 @pytest.fixture(scope="module")
@@ -177,3 +172,16 @@ def test_engine_thread_serves_concurrent_submitters_and_survives_a_failed_step(m
         assert again.wait(30) and second[-1].ids == expected[0]
     finally:
         engine.stop()
+
+
+def test_a_bf16_model_batches_rows_of_different_lengths(codec):
+    """On CPU the KV cache stays fp32 under a bf16 model; batched rows still equal rows alone."""
+    torch.manual_seed(0)
+    m = Chameleon(ChameleonConfig.preset("tiny", vocab_size=len(codec.text))).to(torch.bfloat16).eval()
+    assert m.new_cache(1, 4).k.dtype == torch.float32
+    reqs = requests(codec)[:3]
+    expected = [alone(m, codec, p, c) for p, c in reqs]
+    engine = Engine(m, codec.vocab, codec=codec, max_rows=5)
+    together = engine.run([engine.submit(p, c) for p, c in reqs])
+    assert [d.ids for d in together] == [d.ids for d in expected]
+    assert all(d.reason != "error" for d in together)

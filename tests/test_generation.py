@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import shapes_codec
 
 from chameleon_lm import Chameleon, ChameleonConfig, Document, DocumentCodec, train_text_tokenizer
 from chameleon_lm.documents import ImagePart, TextPart
@@ -29,19 +30,12 @@ K, N = 64, 16  # codebook size, codes per image
 INF = float("inf")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, which crawl (spin-waiting) on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def codec():
-    corpus = ["a red circle turns blue and moves to the left", "Describe the picture:"] * 100
-    return DocumentCodec(train_text_tokenizer(corpus, 600, codebook_size=K), image_seq_len=N)
+    return shapes_codec(K, N)
 
 
 @pytest.fixture(scope="module")

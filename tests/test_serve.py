@@ -10,19 +10,13 @@ import time
 import httpx
 import openai
 import pytest
-import torch
 from PIL import Image
 from serve_support import LiveServer, tiny_bundle
 
 from chameleon_lm.serve.app import ServeConfig, create_app
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

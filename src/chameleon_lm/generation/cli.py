@@ -31,10 +31,7 @@ class Bundle(Protocol):
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     """Register ``generate``."""
     p = subparsers.add_parser("generate", help="generate text and/or images from a prompt")
-    p.add_argument("--model", required=True, type=Path, metavar="DIR",
-                   help="a model folder: chameleon-lm's, Hugging Face's, or Meta's data/ or models/<size>/")
-    p.add_argument("--vqgan", type=Path, metavar="CKPT",
-                   help="Meta's vqgan.ckpt, to decode images with a Hugging Face model (HF has no decoder)")
+    add_model_args(p)
     p.add_argument("--prompt", required=True, help="the prompt text (after the --image images)")
     p.add_argument("--image", action="append", default=[], type=Path, metavar="FILE",
                    help="a prompt image, placed before the text (repeatable)")
@@ -53,6 +50,14 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--out", required=True, type=Path, metavar="DIR")
     p.set_defaults(func=_cmd_generate)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """``--model`` and ``--vqgan`` (shared by the commands that load a model)."""
+    p.add_argument("--model", required=True, type=Path, metavar="DIR",
+                   help="a model folder: chameleon-lm's, Hugging Face's, or Meta's data/ or models/<size>/")
+    p.add_argument("--vqgan", type=Path, metavar="CKPT",
+                   help="Meta's vqgan.ckpt, to decode images with a Hugging Face model (HF has no decoder)")
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -44,6 +45,8 @@ from chameleon_lm.generation.sampling import GenerationConfig, cfg_mix, forbid, 
 from chameleon_lm.model import Chameleon
 from chameleon_lm.tokenizers.text import TextTokenizer
 from chameleon_lm.tokenizers.vocab import IMAGE, TEXT, Vocab
+
+log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------------- events
 

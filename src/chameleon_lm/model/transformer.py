@@ -214,6 +214,7 @@ class KVCache:
         """Write the new keys/values of ``layer`` after each row's tokens; all keys so far ``[B, K, S, E]``
         (S = the longest row after the write)."""
         T, starts = k_BKTE.shape[2], self.host_lengths.tolist()
+        k_BKTE, v_BKTE = k_BKTE.to(self.k.dtype), v_BKTE.to(self.v.dtype)
         if len(set(starts)) <= 1:
             s = starts[0] if starts else 0
             self.k[layer, :, :, s : s + T] = k_BKTE
@@ -258,6 +259,7 @@ class PackedRows:
         return positions, sdpa_document_mask(doc[None])
 
     def update(self, layer: int, k_BKTE: torch.Tensor, v_BKTE: torch.Tensor):
+        k_BKTE, v_BKTE = k_BKTE.to(self.cache.k.dtype), v_BKTE.to(self.cache.v.dtype)
         for row, s, n in zip(self.rows, self.starts, self.lengths):
             self.cache.k[layer, row, :, :n] = k_BKTE[0, :, s : s + n]
             self.cache.v[layer, row, :, :n] = v_BKTE[0, :, s : s + n]

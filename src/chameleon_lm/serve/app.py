@@ -37,7 +37,7 @@ from prometheus_client import (
 )
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from chameleon_lm.data.sources.base import ImageRef, SkipSample, data_url_bytes, load_image
+from chameleon_lm.data.sources.base import ImageRef, SkipSample, data_url_bytes, load_image, png_bytes
 from chameleon_lm.documents import DocumentCodec
 from chameleon_lm.generation.engine import Done, Engine, ImageComplete, ImageProgress, Job, TextDelta
 from chameleon_lm.generation.sampling import GenerationConfig
@@ -45,7 +45,7 @@ from chameleon_lm.model import Chameleon
 from chameleon_lm.serve.worker import EngineProcess
 from chameleon_lm.serve.openai import (
     ApiError, ChatRequest, CompletionRequest, ImagesRequest, Message, finish_reason, generation_config, image_part, image_urls,
-    message_turns, png_b64, png_data_url, prompt_ids,
+    message_turns, png_data_url, prompt_ids,
 )
 from chameleon_lm.tokenizers.images import ImageError, open_image
 from chameleon_lm.utils.config import Config
@@ -147,7 +147,7 @@ class Server:
                 raise ApiError(400, f"{where}: http(s) image URLs are refused by this server (send a "
                                     "data: URL, or start it with --allow-remote-images)", param=where)
             try:
-                data = _png(load_image(ImageRef(url=url), allow_remote=True))
+                data = png_bytes(load_image(ImageRef(url=url), allow_remote=True))
             except ImageError as e:
                 raise ApiError(400, f"{where}: {e}", param=where) from None
         else:
@@ -219,6 +219,18 @@ class Server:
         except RuntimeError as e:  # the engine process is gone
             raise ApiError(503, str(e), type="server_error") from None
         return job, queue
+
+    async def start(self, req: ChatRequest | CompletionRequest, prompt: ChatRequest) -> tuple[Job, asyncio.Queue]:
+        """Admit a generation request and submit it; it counts as in flight until its answer ends."""
+        self.admit()
+        self.inflight += 1
+        try:
+            config = self.chat_config(req)
+            ids = await self._run(self._prompt, prompt)
+            return self.submit(ids, config)
+        except BaseException:
+            self.inflight -= 1
+            raise
 
     def max_tokens(self, req: ChatRequest | CompletionRequest) -> int:
         n = getattr(req, "max_completion_tokens", None) or req.max_tokens or min(self.config.default_max_tokens,
@@ -308,12 +320,6 @@ class _Bridge:
             items, self.pending = self.pending, []
         for queue, event in items:
             queue.put_nowait(event)
-
-
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def _sse(payload: dict | str) -> str:
@@ -417,22 +423,11 @@ def create_app(model: Chameleon, codec: DocumentCodec, config: ServeConfig | Non
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(req: ChatRequest, request: Request):
-        server.admit()
-        server.inflight += 1
-        try:
-            gen_config = server.chat_config(req)
-            ids = await server._run(server._prompt, req)
-            job, queue = server.submit(ids, gen_config)
-        except BaseException:
-            server.inflight -= 1
-            raise
+        job, queue = await server.start(req, req)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": config.model_name}
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_stream_chat(server, job, queue, request, meta, req, include_usage),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return _sse_response(_stream_chat(server, job, queue, request, meta, req, _usage_wanted(req)))
         try:
             return await _collect_chat(server, job, queue, request, meta, req)
         finally:
@@ -440,22 +435,11 @@ def create_app(model: Chameleon, codec: DocumentCodec, config: ServeConfig | Non
 
     @app.post("/v1/completions", response_model=None)
     async def completions(req: CompletionRequest, request: Request):
-        server.admit()
-        server.inflight += 1
-        try:
-            gen_config = server.chat_config(req)
-            chat_like = ChatRequest(messages=[Message(role="user", content=req.prompt)], prompt_format="raw")
-            ids = await server._run(server._prompt, chat_like)
-            job, queue = server.submit(ids, gen_config)
-        except BaseException:
-            server.inflight -= 1
-            raise
+        chat_like = ChatRequest(messages=[Message(role="user", content=req.prompt)], prompt_format="raw")
+        job, queue = await server.start(req, chat_like)
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": config.model_name}
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_stream_completion(server, job, queue, request, meta, include_usage),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return _sse_response(_stream_completion(server, job, queue, request, meta, _usage_wanted(req)))
         try:
             text, done = "", None
             async for event in server.events(job, queue, request):
@@ -524,6 +508,15 @@ def create_app(model: Chameleon, codec: DocumentCodec, config: ServeConfig | Non
 
 KNOWN_PATHS = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions",
                "/v1/images/generations")
+
+
+def _usage_wanted(req: ChatRequest | CompletionRequest) -> bool:
+    return bool(req.stream_options and req.stream_options.include_usage)
+
+
+def _sse_response(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 def _usage(done: Done) -> dict[str, int]:

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
-
 import torch
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     """Register ``serve``."""
+    from chameleon_lm.generation.cli import add_model_args
+
     p = subparsers.add_parser("serve", help="serve a model: OpenAI-compatible API and web viewer")
-    p.add_argument("--model", required=True, type=Path, metavar="DIR",
-                   help="a model folder: chameleon-lm's, Hugging Face's, or Meta's data/ or models/<size>/")
-    p.add_argument("--vqgan", type=Path, metavar="CKPT",
-                   help="Meta's vqgan.ckpt, to decode images with a Hugging Face model")
+    add_model_args(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--name", help="the model id clients use (default: the folder's name)")

@@ -10,12 +10,12 @@ string, as every OpenAI client expects.
 from __future__ import annotations
 
 import base64
-import io
 from typing import Annotated, Any, Literal
 
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
+from chameleon_lm.data.sources.base import png_bytes
 from chameleon_lm.documents import Document, DocumentCodec, ImagePart, TextPart
 from chameleon_lm.generation.sampling import MODES, GenerationConfig, ImageSampling, TextSampling
 
@@ -214,9 +214,7 @@ def png_data_url(image: Image.Image) -> str:
 
 
 def png_b64(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
+    return base64.b64encode(png_bytes(image)).decode()
 
 
 def image_part(url: str) -> dict[str, Any]:

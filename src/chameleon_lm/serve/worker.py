@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import traceback
 from typing import Any
 
 import torch
@@ -64,6 +65,7 @@ def _child(conn, model: Chameleon, codec: DocumentCodec, engine_kwargs: dict[str
         try:
             engine.step()
         except Exception as e:  # noqa: BLE001 - as Engine._loop: fail the running jobs, keep serving
+            traceback.print_exc()
             engine._fail_all(f"{type(e).__name__}: {e}")
         for key, event in outbox:
             if event[0] == "done":
