@@ -37,3 +37,11 @@ def shapes_codec(codebook_size: int = 64, image_seq_len: int = 16):
     corpus = ["a red circle turns blue and moves to the left", "Describe the picture:"] * 100
     return DocumentCodec(train_text_tokenizer(corpus, 600, codebook_size=codebook_size),
                          image_seq_len=image_seq_len)
+
+
+def tiny_model(codec, seed: int = 0):
+    """The ``tiny`` preset sized to the codec's vocabulary, seeded, in eval mode."""
+    from chameleon_lm import Chameleon, ChameleonConfig
+
+    torch.manual_seed(seed)
+    return Chameleon(ChameleonConfig.preset("tiny", vocab_size=len(codec.text))).eval()

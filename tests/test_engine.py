@@ -4,7 +4,7 @@ import threading
 
 import pytest
 import torch
-from conftest import shapes_codec
+from conftest import shapes_codec, tiny_model
 
 from chameleon_lm import Chameleon, ChameleonConfig, Document
 from chameleon_lm.generation import GenerationConfig, ImageSampling, TextSampling
@@ -23,8 +23,7 @@ def codec():
 
 @pytest.fixture(scope="module")
 def model(codec):
-    torch.manual_seed(0)
-    return Chameleon(ChameleonConfig.preset("tiny", vocab_size=len(codec.text))).eval()
+    return tiny_model(codec)
 
 
 def ids(codec, *items):

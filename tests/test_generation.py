@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import shapes_codec
+from conftest import shapes_codec, tiny_model
 
 from chameleon_lm import Chameleon, ChameleonConfig, Document, DocumentCodec, train_text_tokenizer
 from chameleon_lm.documents import ImagePart, TextPart
@@ -40,8 +40,7 @@ def codec():
 
 @pytest.fixture(scope="module")
 def model(codec):
-    torch.manual_seed(0)
-    return Chameleon(ChameleonConfig.preset("tiny", vocab_size=len(codec.text))).eval()
+    return tiny_model(codec)
 
 
 def image_codes(seed):

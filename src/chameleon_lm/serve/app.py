@@ -447,10 +447,7 @@ def create_app(model: Chameleon, codec: DocumentCodec, config: ServeConfig | Non
                     text += event.text
                 elif isinstance(event, Done):
                     done = event
-            if done is None:
-                raise ApiError(499, "client closed the request", code="cancelled")
-            if done.reason == "error":
-                raise ApiError(503, f"generation failed: {done.error}", type="server_error")
+            _check_finished(done)
             server.count(done, "text")
             return {**meta, "object": "text_completion", "usage": _usage(done),
                     "choices": [{"index": 0, "text": text, "finish_reason": finish_reason(done.reason),
@@ -510,6 +507,14 @@ KNOWN_PATHS = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions",
                "/v1/images/generations")
 
 
+def _check_finished(done: Done | None) -> None:
+    """A non-streamed answer needs its Done, without an engine error."""
+    if done is None:
+        raise ApiError(499, "client closed the request", code="cancelled")
+    if done.reason == "error":
+        raise ApiError(503, f"generation failed: {done.error}", type="server_error")
+
+
 def _usage_wanted(req: ChatRequest | CompletionRequest) -> bool:
     return bool(req.stream_options and req.stream_options.include_usage)
 
@@ -541,10 +546,7 @@ async def _collect_chat(server: Server, job: Job, queue: asyncio.Queue, request:
             parts.append(image_part(await server._run(server._decode, event.codes)))
         elif isinstance(event, Done):
             done = event
-    if done is None:
-        raise ApiError(499, "client closed the request", code="cancelled")
-    if done.reason == "error":
-        raise ApiError(503, f"generation failed: {done.error}", type="server_error")
+    _check_finished(done)
     server.count(done, req.mode)
     server.metrics.duration.observe(time.monotonic() - started)
     if first is not None:
