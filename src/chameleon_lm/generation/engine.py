@@ -41,7 +41,7 @@ from PIL import Image
 
 from chameleon_lm.documents import Document, DocumentCodec
 from chameleon_lm.generation.packed import PackedMatrix, _version, pack_linears
-from chameleon_lm.generation.sampling import GenerationConfig, cfg_mix, forbid, penalize, sample, warp
+from chameleon_lm.generation.sampling import GenerationConfig, cfg_mix, sample, text_scores, warp
 from chameleon_lm.model import Chameleon
 from chameleon_lm.tokenizers.text import TextTokenizer
 from chameleon_lm.tokenizers.vocab import IMAGE, TEXT, Vocab
@@ -545,10 +545,8 @@ class Engine:
             for group, idx in _groups(text_jobs, lambda j: j.config.text):
                 cfg = group.config.text
                 scores = logits[idx] if len(idx) < len(text_jobs) else logits
-                scores = forbid(scores, [self._forbidden(text_jobs[i]) for i in idx])
-                scores = penalize(scores, [list(text_jobs[i].seen) for i in idx], cfg.repetition_penalty)
-                if not cfg.greedy:
-                    scores = warp(scores, cfg.temperature, cfg.top_k, cfg.top_p)
+                scores = text_scores(scores, [list(text_jobs[i].seen) for i in idx],
+                                     [self._forbidden(text_jobs[i]) for i in idx], cfg)
                 toks = self.text_ids[sample(scores, [text_jobs[i].generator for i in idx], cfg.greedy)]
                 for i, tok in zip(idx, toks.tolist()):
                     chosen[text_jobs[i].id] = tok

@@ -223,10 +223,19 @@ def cfg_mix(
 
 
 def text_scores(
-    logits_BV: torch.Tensor, ids_BS: torch.Tensor, allowed_V: torch.Tensor, cfg: TextSampling
+    logits_BV: torch.Tensor, seen: torch.Tensor | list[list[int]],
+    allowed: torch.Tensor | list[list[int]], cfg: TextSampling,
 ) -> torch.Tensor:
-    """The official text chain on raw logits; the scores to sample from (or take the argmax of)."""
-    scores = repetition_penalty(allow_only(logits_BV, allowed_V), ids_BS, cfg.repetition_penalty)
+    """The official text chain on raw logits; the scores to sample from (or take the argmax of).
+
+    ``allowed`` is a bool ``[V]`` mask, or per row the few columns that are not allowed; ``seen`` the ids
+    so far (``[B, S]``, or a list per row) for the repetition penalty.
+    """
+    if isinstance(allowed, torch.Tensor):
+        logits_BV = allow_only(logits_BV, allowed)
+    else:
+        logits_BV = forbid(logits_BV, allowed)
+    scores = penalize(logits_BV, seen, cfg.repetition_penalty)
     return scores if cfg.greedy else warp(scores, cfg.temperature, cfg.top_k, cfg.top_p)
 
 

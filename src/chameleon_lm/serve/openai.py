@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from chameleon_lm.data.sources.base import png_bytes
 from chameleon_lm.documents import Document, DocumentCodec, ImagePart, TextPart
-from chameleon_lm.generation.sampling import MODES, GenerationConfig, ImageSampling, TextSampling
+from chameleon_lm.generation.sampling import GenerationConfig, ImageSampling, TextSampling
 
 PROMPT_FORMATS = ("raw", "chat")
 """``raw``: the messages' parts as one document after ``<s>`` (how base models are prompted);
@@ -153,8 +153,6 @@ def generation_config(req: Sampling, *, mode: str, max_new_tokens: int, min_new_
     for name in ("cfg_text", "cfg_image"):
         if getattr(req, name) is not None:
             image[name] = getattr(req, name)
-    if mode not in MODES:
-        raise ApiError(400, f"mode must be one of {MODES}", param="mode")
     try:
         return GenerationConfig(mode=mode, text=TextSampling(**text), image=ImageSampling(**image),
                                 max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
