@@ -25,8 +25,17 @@ def test_quickstart_pipeline_end_to_end(tmp_path):
     assert script.count("chameleon ") == 10 and "chameleon data tokenize" in script
     assert all(line.split("] ", 1)[1] in script for line in lines if line.startswith("["))
     page = (tmp_path / "report.html").read_text()
-    assert "eval/samples.html" in page and "training_curves.png" in page and "An interleaved generation" in page
-    assert (tmp_path / "eval" / "samples.html").read_text().count("data:image/png;base64,") >= 16
+    assert "eval/pairs/samples.html" in page and "training_curves.png" in page and "An interleaved generation" in page
+    assert (tmp_path / "eval" / "pairs" / "samples.html").read_text().count("data:image/png;base64,") >= 16
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["results"]["pairs"]["seen"]["text_to_image"]["all"] == metrics["text_to_image_accuracy"]
+    assert report["model_hash"].startswith("sha256:") and report["seed"] == 0
+    ppl = report["results"]["perplexity"]["caption-image"]
+    assert ppl["text"]["tokens"] > 0 and ppl["image"]["tokens"] > 0
+    assert metrics["val_perplexity_caption-image_image"] == ppl["image"]["ppl"] > 1
+    assert 0 < report["results"]["reconstruction"]["codebook_usage"] <= 1
+    assert report["results"]["answers"]["answered"] == 12 and report["results"]["answers"]["errors"] == 0
+    assert (tmp_path / "eval" / "report.html").is_file() and (tmp_path / "eval" / "answers.sqlite").is_file()
     train = json.loads((tmp_path / "train.json").read_text())
     assert train["data"]["sources"][0]["path"] == str(tmp_path / "tokens/pairs/caption-image")
     loaded = load_model(tmp_path / "model")
@@ -77,8 +86,12 @@ def test_shipped_configs_parse():
 
     folder = resources.files("chameleon_lm") / "configs"
     train = sorted(str(p) for sub in ("examples", "quickstart") for p in (folder / sub).iterdir()
-                   if p.name.endswith(".toml") and p.name != "vq.toml")
+                   if p.name.endswith(".toml") and p.name not in ("vq.toml", "eval.toml"))
     assert len(train) == 3
+    from chameleon_lm.eval.report import SECTIONS
+
+    ev = read_config_file(folder / "quickstart" / "eval.toml")
+    assert {"pairs", "perplexity", "reconstruction", "answers"} <= set(ev) <= {"model", "out", "seed", *SECTIONS}
     for path in train:
         cfg = load_train_config(path, [])
         assert cfg.data is not None and cfg.data.sources and cfg.val

@@ -14,10 +14,10 @@ import torch
 
 from chameleon_lm.data.sources import open_source
 from chameleon_lm.data.synth import ShapesWorld, write_dataset
+from chameleon_lm.tokenizers import metrics
 from chameleon_lm.tokenizers.image import load_image_tokenizer
 from chameleon_lm.tokenizers.images import to_tensor
 from chameleon_lm.tokenizers.vqgan import VQGAN, VQGANConfig
-from chameleon_lm.training import metrics
 from chameleon_lm.training.checkpoint import latest_checkpoint
 from chameleon_lm.training.vqgan import (
     LPIPS,

@@ -9,8 +9,10 @@ and written to ``DIR/commands.sh``:
 3. ``data tokenize``: caption→image pairs (10 % of captions dropped, for guidance) and image→caption
    pairs (loss on the caption) from the pair shards, stories, text, and held-out pairs for validation;
 4. ``train`` (``train.toml``: the model and the mixture, packed rows);
-5. ``eval pairs`` (text→image and image→text on held-out pairs of seen and unseen combinations, read
-   by the shapes judge) and ``generate --mode interleaved`` (one picture story);
+5. ``eval report`` (``eval.toml``: text→image and image→text on held-out pairs of seen and unseen
+   combinations, read by the shapes judge; per-modality perplexity on the held-out shards; the image
+   tokenizer's reconstruction; the built-in prompt set answered into a results store) and
+   ``generate --mode interleaved`` (one picture story);
 6. ``DIR/metrics.json`` and ``DIR/report.html``.
 """
 
@@ -66,10 +68,24 @@ def train_config(out: Path) -> dict:
     return cfg
 
 
+def eval_config(out: Path, cfg: QuickstartConfig) -> dict:
+    """``eval.toml`` with its paths inside ``out`` and the run's seed and guidance."""
+    ev = read_config_file(Path(str(CONFIGS / "eval.toml")))
+    ev["model"], ev["out"], ev["seed"] = str(out / ev["model"]), str(out / ev["out"]), cfg.seed
+    pairs = ev["pairs"]
+    pairs["data"] = {k: str(out / v) for k, v in pairs["data"].items()}
+    pairs["manifest"] = str(out / pairs["manifest"])
+    pairs["cfg_text"], pairs["cfg_image"] = cfg.cfg_text, cfg.cfg_image
+    ev["perplexity"]["data"] = {k: str(out / v) for k, v in ev["perplexity"]["data"].items()}
+    ev["reconstruction"]["data"] = str(out / ev["reconstruction"]["data"])
+    ev["answers"]["store"] = str(out / ev["answers"]["store"])
+    return ev
+
+
 def commands(out: Path, cfg: QuickstartConfig) -> list[tuple[str, list[str]]]:
     """The stages, each a ``chameleon`` command line."""
     d, tok, s = out / "data", out / "tokenizers", str(cfg.seed)
-    pairs = lambda split: str(d / "pairs" / f"{split}-*.tar")  # noqa: E731
+    pairs = lambda split: str(d / "pairs" / f"{split}-*.tar")
     tokenize = ["data", "tokenize", "--tokenizers", str(tok), "--workers", str(cfg.workers),
                 "--seed", s, "--no-progress"]
     vq_steps = ["--steps", str(cfg.vq_steps)] if cfg.vq_steps is not None else []
@@ -97,10 +113,7 @@ def commands(out: Path, cfg: QuickstartConfig) -> list[tuple[str, list[str]]]:
                       "--recipe", "image-caption", "--out", str(out / "tokens" / "val")]),
         ("model", ["train", str(out / "train.json"), f"seed={s}", *model_steps, *cfg.train_overrides,
                    "--no-progress"]),
-        ("evaluation", ["eval", "pairs", "--model", str(out / "model"), "--manifest", str(d),
-                        "--data", f"seen={pairs('test_seen')}", f"unseen={pairs('test_unseen')}",
-                        "--seed", s, "--cfg-text", str(cfg.cfg_text), "--cfg-image", str(cfg.cfg_image),
-                        "--out", str(out / "eval")]),
+        ("evaluation", ["eval", "report", "--config", str(out / "eval.json")]),
         ("evaluation", ["generate", "--model", str(out / "model"), "--prompt", _opening(d),
                         "--mode", "interleaved", "--seed", s, "--temperature", "0.7",
                         "--repetition-penalty", "1.0", "--cfg-text", str(cfg.cfg_text),
@@ -129,6 +142,8 @@ def run(out: Path, cfg: QuickstartConfig, log=print) -> dict:
         argv = commands(out, cfg)[i][1]  # rebuilt: later commands read what earlier ones wrote
         if stage == "model":
             (out / "train.json").write_text(json.dumps(train_config(out), indent=2) + "\n")
+        if argv[:2] == ["eval", "report"]:
+            (out / "eval.json").write_text(json.dumps(eval_config(out, cfg), indent=2) + "\n")
         line = "chameleon " + " ".join(shlex.quote(a) for a in argv)
         script.append(line)
         log(f"[{stage}] {line}")
@@ -149,7 +164,8 @@ def run(out: Path, cfg: QuickstartConfig, log=print) -> dict:
 
 def _metrics(out: Path, cfg: QuickstartConfig, times: dict, t_start: float) -> dict:
     vq = json.loads((out / "tokenizers" / "vq_metrics.json").read_text())
-    ev = json.loads((out / "eval" / "metrics.json").read_text())
+    report = json.loads((out / "eval" / "report.json").read_text())["results"]
+    ev = report["pairs"]
     log = [json.loads(line) for line in (out / "train" / "metrics.jsonl").open()]
     last = log[-1]
     m = {"seed": cfg.seed, "vq_psnr": vq["psnr"], "vq_ssim": vq["ssim"],
@@ -164,6 +180,9 @@ def _metrics(out: Path, cfg: QuickstartConfig, times: dict, t_start: float) -> d
         m[f"judge_accuracy_real_{split}"] = e["judge_real"]["all"]
         m[f"judge_accuracy_vq_reconstruction_{split}"] = e["judge_vq_reconstruction"]["all"]
     m["n_test_pairs"] = ev["seen"]["n_pairs"]
+    for name, result in report["perplexity"].items():
+        for modality in ("text", "image"):
+            m[f"val_perplexity_{name}_{modality}"] = result[modality]["ppl"]
     m["final_train_ce"] = last["ce"]
     m.update({k: v for k, v in last.items() if k.startswith("val/")})
     m["text_to_image_guidance"] = {"text": cfg.cfg_text, "image": cfg.cfg_image}
@@ -212,7 +231,9 @@ that made this run are in <a href="commands.sh">commands.sh</a>.</p>
 <h2>Metrics</h2><table>{table}</table><p>Time per stage (s): {html.escape(json.dumps(metrics['seconds']))}</p>
 <h2>Training curves</h2><img src="training_curves.png" alt="training curves">
 <h2>An interleaved generation</h2><p>Prompt: {html.escape(story['prompt'])}</p><p class="story">{story_html}</p>
-<h2>Held-out pairs (<a href="eval/samples.html">open alone</a>)</h2><iframe src="eval/samples.html"></iframe>
+<p>The whole evaluation: <a href="eval/report.html">eval/report.html</a>; the built-in prompt set's answers
+are in eval/answers.sqlite, for <code>chameleon eval annotate</code>.</p>
+<h2>Held-out pairs (<a href="eval/pairs/samples.html">open alone</a>)</h2><iframe src="eval/pairs/samples.html"></iframe>
 </body></html>"""
     (out / "report.html").write_text(page)
 

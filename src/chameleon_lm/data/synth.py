@@ -208,6 +208,11 @@ def caption(label: Label, rng: random.Random | None = None) -> str:
     return _fill(template, **_phrases(label))
 
 
+def story_opening(label: Label, rng: random.Random) -> str:
+    """The first sentence of a picture story about ``label`` (a random opening template)."""
+    return _fill(rng.choice(_STORY_OPENINGS), **_phrases(label))
+
+
 def parse_caption(text: str) -> dict[str, str] | None:
     """Extract the attributes a caption states, for scoring generated captions.
 
@@ -467,7 +472,7 @@ class ShapesWorld:
 
     def _story(self, rng: random.Random, split: str) -> InterleavedDocument:
         label = self.sample_label(rng, split)
-        segments: list[str | Image.Image] = [_fill(rng.choice(_STORY_OPENINGS), **_phrases(label))]
+        segments: list[str | Image.Image] = [story_opening(label, rng)]
         labels: list[Label | None] = [None]
         segments.append(self.render(label))
         labels.append(label)

@@ -25,7 +25,14 @@ import numpy as np
 from PIL import Image
 
 from chameleon_lm.data.synth import (
-    BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, ShapesWorld, parse_caption, render,
+    BACKGROUNDS,
+    COLOURS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    ShapesWorld,
+    parse_caption,
+    render,
 )
 
 _TEMPLATE_BG = "grey"
@@ -104,6 +111,20 @@ def accuracy(predicted: list[tuple[str, str]], labels: list[dict]) -> dict[str, 
     return {"colour": colour, "shape": shape, "both": both}
 
 
+def world_from_manifest(path: str | os.PathLike) -> ShapesWorld:
+    """The world a ``chameleon data synth`` folder (or its manifest.json) was drawn from."""
+    path = Path(path)
+    path = path / "manifest.json" if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no shapes-world manifest (written by `chameleon data synth`)")
+    m = json.loads(path.read_text())
+    if m.get("dataset") != "shapes-world":
+        raise ValueError(f"{path}: not a shapes-world manifest")
+    return ShapesWorld(seed=m["seed"], image_size=m["image_size"], holdout_fraction=m["holdout_fraction"],
+                       sizes=tuple(m["vocab"]["sizes"]), backgrounds=tuple(m["vocab"]["backgrounds"]),
+                       jitter=m["jitter"], snap=m["snap"])
+
+
 class ShapesPairJudge:
     """The shapes judge as a :class:`chameleon_lm.eval.pairs.PairJudge`: colour and shape."""
 
@@ -115,17 +136,7 @@ class ShapesPairJudge:
     @classmethod
     def from_manifest(cls, path: str | os.PathLike) -> ShapesPairJudge:
         """The judge of the world a ``chameleon data synth`` folder (or its manifest.json) holds."""
-        path = Path(path)
-        path = path / "manifest.json" if path.is_dir() else path
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no shapes-world manifest (written by `chameleon data synth`)")
-        m = json.loads(path.read_text())
-        if m.get("dataset") != "shapes-world":
-            raise ValueError(f"{path}: not a shapes-world manifest")
-        return cls(ShapesWorld(seed=m["seed"], image_size=m["image_size"],
-                               holdout_fraction=m["holdout_fraction"], sizes=tuple(m["vocab"]["sizes"]),
-                               backgrounds=tuple(m["vocab"]["backgrounds"]), jitter=m["jitter"],
-                               snap=m["snap"]))
+        return cls(world_from_manifest(path))
 
     def reference(self, caption: str, meta: dict) -> tuple:
         if "colour" in meta and "shape" in meta:

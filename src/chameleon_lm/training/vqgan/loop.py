@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from chameleon_lm.tokenizers.image import WEIGHTS_NAME, ImageTokenizer
+from chameleon_lm.tokenizers.metrics import code_histogram, score_reconstruction
 from chameleon_lm.tokenizers.vqgan import VQGAN
 from chameleon_lm.training.checkpoint import (
     begin_checkpoint,
@@ -28,13 +29,6 @@ from chameleon_lm.training.checkpoint import (
     save_training_state,
 )
 from chameleon_lm.training.logger import MetricsLogger
-from chameleon_lm.training.metrics import (
-    code_histogram,
-    codebook_perplexity,
-    codebook_usage,
-    psnr,
-    ssim,
-)
 from chameleon_lm.training.schedule import warmup_cosine
 from chameleon_lm.training.vqgan.config import VQTrainConfig
 from chameleon_lm.training.vqgan.losses import (
@@ -67,29 +61,14 @@ def evaluate_reconstruction(
     """Reconstruction quality of ``vqgan`` on pixels ``[M, 3, R, R]`` in [-1, 1].
 
     Returns:
-        ``psnr`` (dB) and ``ssim`` (per-image means, see :mod:`chameleon_lm.training.metrics`),
+        ``psnr`` (dB) and ``ssim`` (per-image means, see :mod:`chameleon_lm.tokenizers.metrics`),
         ``l1`` (mean absolute error in [-1, 1] units), and ``codebook_usage`` / ``perplexity`` of
-        all the codes of these images.
+        all the codes of these images: ``chameleon eval reconstruction``'s scores
+        (:func:`chameleon_lm.tokenizers.metrics.score_reconstruction`).
     """
-    was_training = vqgan.training
-    vqgan.eval()
-    device = vqgan.quantize.embedding.weight.device
-    recons, codes = [], []
-    with torch.no_grad():
-        for chunk in pixels.split(batch_size):
-            recon, chunk_codes, _ = vqgan(chunk.to(device))
-            recons.append(recon.float().cpu().clamp(-1.0, 1.0))
-            codes.append(chunk_codes.cpu())
-    vqgan.train(was_training)
-    recon, all_codes = torch.cat(recons), torch.cat(codes)
-    n_embed = vqgan.config.n_embed
-    return {
-        "psnr": psnr(pixels, recon),
-        "ssim": ssim(pixels, recon),
-        "l1": float((pixels - recon).abs().mean()),
-        "codebook_usage": codebook_usage(all_codes, n_embed),
-        "perplexity": codebook_perplexity(all_codes, n_embed),
-    }
+    metrics = score_reconstruction(vqgan, pixels, batch_size)
+    metrics["perplexity"] = metrics.pop("codebook_perplexity")  # the name of the training logs
+    return metrics
 
 
 def restart_dead_codes(

@@ -1,0 +1,1 @@
+"""Human evaluation: the annotation server and its page."""

@@ -1,0 +1,1 @@
+"""Automatic benchmarks, one module per task."""
