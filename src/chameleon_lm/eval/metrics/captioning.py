@@ -17,7 +17,6 @@ upper case, the lowercased tokenizer writes them in lower case).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -27,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from chameleon_lm.eval.metrics import load_results, write_results
 from chameleon_lm.utils.weights import read_json
 
 ImageId = int | str
@@ -219,29 +219,13 @@ def load_coco_captions(path: str | os.PathLike) -> CocoCaptions:
 
 
 def load_coco_results(path: str | os.PathLike) -> dict[ImageId, str]:
-    """Read a COCO captioning results file ``[{"image_id", "caption"}]`` (one caption per image)."""
-    data = read_json(path)
-    if not isinstance(data, list):
-        raise _fail(path, "not a COCO results file (expected a list of {image_id, caption})")
-    out: dict[ImageId, str] = {}
-    for k, r in enumerate(data):
-        if not isinstance(r, dict) or "image_id" not in r or not isinstance(r.get("caption"), str):
-            raise _fail(path, f"item {k} needs 'image_id' and a string 'caption'")
-        if r["image_id"] in out:
-            raise _fail(path, f"item {k}: a second caption for image {r['image_id']!r}")
-        out[r["image_id"]] = r["caption"]
-    if not out:
-        raise _fail(path, "no results")
-    return out
+    """Read a results file ``[{"image_id", "caption"}]`` (one caption per id)."""
+    return load_results(path, "image_id", "caption")
 
 
 def write_coco_results(path: str | os.PathLike, captions: Mapping[ImageId, str]) -> Path:
-    """Write ``[{"image_id", "caption"}]`` (the format ``load_coco_results`` and COCO's tools read)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rows = [{"image_id": i, "caption": c} for i, c in captions.items()]
-    path.write_text(json.dumps(rows, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    return path
+    """Write ``[{"image_id", "caption"}]`` (the format :func:`load_coco_results` and the official tools read)."""
+    return write_results(path, captions, "image_id", "caption")
 
 
 def score_coco_results(results: Mapping[ImageId, str], annotations: CocoCaptions) -> dict[str, Any]:

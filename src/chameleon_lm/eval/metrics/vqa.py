@@ -10,7 +10,6 @@ the humans disagree.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from chameleon_lm.eval.metrics import load_results, write_results
 from chameleon_lm.utils.weights import read_json
 
 QuestionId = int | str
@@ -198,29 +198,13 @@ def load_vqa_annotations(path: str | os.PathLike) -> dict[QuestionId, VQAAnnotat
 
 
 def load_vqa_results(path: str | os.PathLike) -> dict[QuestionId, str]:
-    """Read a VQA results file ``[{"question_id", "answer"}]`` (one answer per question)."""
-    data = read_json(path)
-    if not isinstance(data, list):
-        raise _fail(path, "not a VQA results file (expected a list of {question_id, answer})")
-    out: dict[QuestionId, str] = {}
-    for k, r in enumerate(data):
-        if not isinstance(r, dict) or "question_id" not in r or not isinstance(r.get("answer"), str):
-            raise _fail(path, f"item {k} needs 'question_id' and a string 'answer'")
-        if r["question_id"] in out:
-            raise _fail(path, f"item {k}: a second answer to question {r['question_id']!r}")
-        out[r["question_id"]] = r["answer"]
-    if not out:
-        raise _fail(path, "no results")
-    return out
+    """Read a results file ``[{"question_id", "answer"}]`` (one answer per id)."""
+    return load_results(path, "question_id", "answer")
 
 
 def write_vqa_results(path: str | os.PathLike, answers: Mapping[QuestionId, str]) -> Path:
-    """Write ``[{"question_id", "answer"}]`` (the format the official evaluation reads)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rows = [{"question_id": q, "answer": a} for q, a in answers.items()]
-    path.write_text(json.dumps(rows, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    return path
+    """Write ``[{"question_id", "answer"}]`` (the format :func:`load_vqa_results` and the official tools read)."""
+    return write_results(path, answers, "question_id", "answer")
 
 
 def score_vqa_results(results: Mapping[QuestionId, str],

@@ -36,6 +36,7 @@ from chameleon_lm.eval.metrics.vqa import (
     score_vqa_results,
     write_vqa_results,
 )
+from chameleon_lm.eval.tasks import positive_int
 from chameleon_lm.generation.engine import generate_text
 from chameleon_lm.generation.sampling import GenerationConfig, TextSampling
 from chameleon_lm.model import Chameleon
@@ -320,20 +321,13 @@ def _common(p: argparse.ArgumentParser, tokens: int) -> None:
     p.add_argument("--images", help="folder of the images (needed with --model)")
     p.add_argument("--out", help="folder for the results file and metrics.json (needed with --model)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--limit", type=_positive, default=None, help="only the first N items")
-    p.add_argument("--max-new-tokens", type=_positive, default=tokens)
-    p.add_argument("--batch-size", type=_positive, default=16)
+    p.add_argument("--limit", type=positive_int, default=None, help="only the first N items")
+    p.add_argument("--max-new-tokens", type=positive_int, default=tokens)
+    p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--chat", action="store_true", help="prompt in the SFT chat layout")
     p.add_argument("--image-mode", choices=("crop", "pad"), default=None,
                    help="image preprocessing (default: the image tokenizer's own, Meta's crop)")
     p.add_argument("--device", default="cpu")
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def add_cli(ev: argparse._SubParsersAction) -> None:

@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from chameleon_lm.data.sources import Sample, Source, load_image, open_source
+from chameleon_lm.eval.tasks import positive_int
 from chameleon_lm.tokenizers.image import ImageTokenizer
 from chameleon_lm.tokenizers.images import ImageSource
 from chameleon_lm.tokenizers.metrics import (
@@ -201,13 +202,6 @@ def run_reconstruction(
     return result
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def _cli(args: argparse.Namespace) -> int:
     path, kind = (args.model, "model") if args.model else (args.tokenizer, "tokenizer")
     m = run_reconstruction(path, args.data, args.limit, args.inception_weights, args.out,
@@ -232,10 +226,10 @@ def add_cli(ev: argparse._SubParsersAction) -> None:
     src.add_argument("--tokenizer", help="image-tokenizer folder (chameleon-lm's, Meta's or HF's)")
     p.add_argument("--data", required=True,
                    help="images: any source spec (WebDataset tars, image folder, JSONL, parquet)")
-    p.add_argument("--limit", type=_positive, default=None, help="only the first N images")
+    p.add_argument("--limit", type=positive_int, default=None, help="only the first N images")
     p.add_argument("--inception-weights", default=None,
                    help=f"torch-fidelity's {INCEPTION_WEIGHTS_NAME}, for rFID")
-    p.add_argument("--batch-size", type=_positive, default=DEFAULT_BATCH_SIZE)
+    p.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", help="folder for metrics.json")
     p.set_defaults(func=_cli)
