@@ -81,3 +81,28 @@ def test_evaluate_pairs_scores_a_model_both_ways_and_the_cli_writes_metrics(tmp_
     result = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert (tmp_path / "eval" / "samples.html").read_text().count("data:image/png;base64,") == 4
     assert result["seen"]["n_pairs"] == 2 and result["seen"]["judge_real"]["all"] == 1.0
+
+
+def judge_factory(manifest):
+    """A user's judge, loaded by ``--judge module:factory`` (here: the shapes judge again)."""
+    from chameleon_lm.eval.shapes_judge import ShapesPairJudge
+
+    return ShapesPairJudge.from_manifest(manifest)
+
+
+def test_a_pluggable_judge_loads_from_module_and_factory(tmp_path):
+    import pytest
+
+    from chameleon_lm.data.synth import write_dataset
+    from chameleon_lm.eval.cli import load_judge
+
+    write_dataset(tmp_path / "data", n_train_pairs=2, n_test_pairs=1, n_interleaved=0, n_interleaved_test=0,
+                  n_text=0)
+    judge = load_judge("test_eval:judge_factory", str(tmp_path / "data"))
+    assert judge.attributes == ("colour", "shape")
+    with pytest.raises(ValueError, match="has no (attributes|reference|read_images)"):
+        load_judge("chameleon_lm.eval.shapes_judge:world_from_manifest", str(tmp_path / "data"))
+    with pytest.raises(ValueError, match="module:factory"):
+        load_judge("nonsense", None)
+    with pytest.raises(ValueError, match="needs --manifest"):
+        load_judge("shapes", None)
