@@ -15,6 +15,7 @@ from PIL import Image
 from chameleon_lm.checkpoints import load_model
 from chameleon_lm.data.sources import open_source
 from chameleon_lm.documents import DocumentCodec
+from chameleon_lm.eval.metrics import write_json
 from chameleon_lm.eval.pairs import evaluate_pairs, load_pairs
 from chameleon_lm.eval.shapes_judge import ShapesPairJudge, world_from_manifest
 from chameleon_lm.generation.sampling import GenerationConfig, ImageSampling, TextSampling
@@ -71,7 +72,7 @@ def pairs_results(model_dir, data: dict[str, str], judge, generation: Generation
                 f"{metrics['judge_vq_reconstruction']['all']:.3f})")
     if out:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+        write_json(out / "metrics.json", results)
         (out / "samples.html").write_text(samples_page(samples))
         if log:
             log(f"wrote {out / 'metrics.json'} and {out / 'samples.html'}")

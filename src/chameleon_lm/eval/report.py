@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import argparse
 import html
-import json
 import math
 import time
 from pathlib import Path
 from typing import Any
 
+from chameleon_lm.eval.metrics import write_json
 from chameleon_lm.eval.provenance import model_hash, versions
 from chameleon_lm.utils.config import apply_overrides, read_config_file
 
@@ -193,22 +193,11 @@ def run_report(config_path: str | Path, out: str | Path | None = None, overrides
         t0 = time.monotonic()
         report["results"][section] = RUNNERS[section](cfg[section], top, base, out)
         report["seconds"][section] = round(time.monotonic() - t0, 1)
-        (out / "report.json").write_text(json.dumps(_finite(report), indent=2) + "\n")  # after each
+        write_json(out / "report.json", report)  # after each task: a crash keeps the rest
     (out / "report.html").write_text(report_html(report))
     if log:
         log(f"wrote {out / 'report.json'} and {out / 'report.html'}")
     return report
-
-
-def _finite(x: Any) -> Any:
-    """NaN and infinities as null: strict JSON."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    return x
 
 
 def _fmt(v: Any) -> str:

@@ -15,6 +15,8 @@ through :meth:`OutputHead.effective_weight` (LoRA-style adapters, image-rows-onl
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -103,3 +105,38 @@ def head_loss(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, *, chunk_
     grad = torch.is_grad_enabled()
     return _FusedHeadLoss.apply(h_ND, w, targets.reshape(-1), float(z_loss_weight), int(chunk_size),
                                 int(ignore_index), grad and h_ND.requires_grad, grad and w.requires_grad)
+
+
+@dataclass
+class LossSums:
+    """Sums over valid target tokens; divide by the counts to get means.
+
+    ``loss`` (``ce + z_loss_weight · z``, summed) is the only tensor with a gradient; the others are
+    for logging (``logit_norm``: the summed L2 norms of the targets' logit vectors).
+    """
+
+    loss: torch.Tensor
+    ce: torch.Tensor
+    z: torch.Tensor
+    n: torch.Tensor
+    ce_text: torch.Tensor
+    n_text: torch.Tensor
+    ce_image: torch.Tensor
+    n_image: torch.Tensor
+    logit_norm: torch.Tensor
+
+
+def modality_sums(head_out: tuple[torch.Tensor, ...], targets_BT: torch.Tensor,
+                  image_mask_BT: torch.Tensor | None = None, ignore_index: int = -100) -> LossSums:
+    """:class:`LossSums` from what the head's loss returns (``OutputHead.forward`` with targets, or
+    ``Chameleon.forward`` with ``targets``): the per-token values summed by modality."""
+    loss, ce, z, logit_norm = head_out
+    t = targets_BT.reshape(-1)
+    valid = t != ignore_index
+    image = valid & (image_mask_BT.reshape(-1) if image_mask_BT is not None else torch.zeros_like(valid))
+    text = valid & ~image
+    return LossSums(
+        loss=loss, ce=ce.sum(), z=z.sum(), n=valid.sum(),
+        ce_text=ce[text].sum(), n_text=text.sum(), ce_image=ce[image].sum(), n_image=image.sum(),
+        logit_norm=logit_norm.sum(),
+    )

@@ -11,32 +11,11 @@ accumulation and data parallelism give the same gradient as one big batch).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from chameleon_lm.data.packing import IGNORE_INDEX
-from chameleon_lm.model.head import OutputHead, head_loss
-
-
-@dataclass
-class LossSums:
-    """Sums over valid target tokens; divide by the counts to get means.
-
-    ``loss`` (``ce + z_loss_weight · z``, summed) is the only tensor with a gradient; the others are
-    for logging (``logit_norm``: the summed L2 norms of the targets' logit vectors).
-    """
-
-    loss: torch.Tensor
-    ce: torch.Tensor
-    z: torch.Tensor
-    n: torch.Tensor
-    ce_text: torch.Tensor
-    n_text: torch.Tensor
-    ce_image: torch.Tensor
-    n_image: torch.Tensor
-    logit_norm: torch.Tensor
+from chameleon_lm.model.head import LossSums, OutputHead, head_loss, modality_sums
 
 
 def lm_loss_sums(
@@ -62,23 +41,7 @@ def lm_loss_sums(
     options = {"chunk_size": chunk_size, "z_loss_weight": z_loss_weight, "ignore_index": IGNORE_INDEX}
     out = (head_loss(hidden_BTD, head, targets_BT, **options) if isinstance(head, torch.Tensor)
            else head(hidden_BTD, targets_BT, **options))
-    return modality_sums(out, targets_BT, image_mask_BT)
-
-
-def modality_sums(head_out: tuple[torch.Tensor, ...], targets_BT: torch.Tensor,
-                  image_mask_BT: torch.Tensor | None = None) -> LossSums:
-    """:class:`LossSums` from what the head's loss returns (``OutputHead.forward`` with targets, or
-    ``Chameleon.forward`` with ``targets``): the per-token values summed by modality."""
-    loss, ce, z, logit_norm = head_out
-    t = targets_BT.reshape(-1)
-    valid = t != IGNORE_INDEX
-    image = valid & (image_mask_BT.reshape(-1) if image_mask_BT is not None else torch.zeros_like(valid))
-    text = valid & ~image
-    return LossSums(
-        loss=loss, ce=ce.sum(), z=z.sum(), n=valid.sum(),
-        ce_text=ce[text].sum(), n_text=text.sum(), ce_image=ce[image].sum(), n_image=image.sum(),
-        logit_norm=logit_norm.sum(),
-    )
+    return modality_sums(out, targets_BT, image_mask_BT, IGNORE_INDEX)
 
 
 __all__ = ["IGNORE_INDEX", "LossSums", "OutputHead", "lm_loss_sums", "modality_sums"]

@@ -335,7 +335,7 @@ class Trainer:
             out = self.model(ids, positions=positions, doc_ids=doc_ids, targets=targets,
                              chunk_size=self.config.loss_chunk, z_loss_weight=self.config.z_loss,
                              ignore_index=IGNORE_INDEX)
-            return modality_sums(out, targets, batch.image_targets.to(self.device))
+            return modality_sums(out, targets, batch.image_targets.to(self.device), IGNORE_INDEX)
 
     def _micro_batches(self, batch: Batch) -> list[Batch]:
         rows = batch.input_ids.shape[0]

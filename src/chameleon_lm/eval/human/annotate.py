@@ -35,13 +35,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from chameleon_lm.eval.metrics.agreement import CHOICES, FULFILMENT
 from chameleon_lm.eval.store import ResultStore
-
-try:
-    from chameleon_lm.eval.metrics.agreement import CHOICES, FULFILMENT
-except ImportError:  # the metrics module is optional here; these must match its constants
-    FULFILMENT = ("fulfills", "partially", "does_not")
-    CHOICES = ("first", "tie", "second")
 
 log = logging.getLogger("chameleon_lm.eval.annotate")
 

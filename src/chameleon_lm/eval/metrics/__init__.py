@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Hashable, Mapping
 from pathlib import Path
+from typing import Any
 
 from chameleon_lm.utils.weights import read_json
 
@@ -34,4 +36,23 @@ def write_results(path: str | os.PathLike, rows: Mapping[Hashable, str], key: st
     path.parent.mkdir(parents=True, exist_ok=True)
     items = [{key: i, value: v} for i, v in rows.items()]
     path.write_text(json.dumps(items, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
+def json_safe(x: Any) -> Any:
+    """NaN and infinities as None, through dicts, lists and tuples: strict JSON."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    return x
+
+
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    """``data`` as indented strict JSON (see :func:`json_safe`), its folder created."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(json_safe(data), indent=2) + "\n")
     return path

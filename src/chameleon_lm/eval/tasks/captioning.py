@@ -10,7 +10,6 @@ benchmark's own format next to a ``metrics.json``; ``--results`` scores an exist
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 from collections.abc import Sequence
@@ -21,6 +20,7 @@ import torch
 from PIL import Image
 
 from chameleon_lm.documents import Document, DocumentCodec
+from chameleon_lm.eval.metrics import write_json
 from chameleon_lm.eval.metrics.captioning import (
     ImageId,
     load_coco_captions,
@@ -135,9 +135,7 @@ def _load(model_dir: str | os.PathLike, device: str):
 
 def _write_metrics(out_dir: str | os.PathLike | None, metrics: dict[str, Any]) -> None:
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        write_json(Path(out_dir) / "metrics.json", metrics)
 
 
 def _check_limit(limit: int | None) -> None:

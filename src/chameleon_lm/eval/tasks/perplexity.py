@@ -6,8 +6,8 @@ and split by modality: a target is an *image* target iff its id is an image code
 as ``</s>``, ``<racm3:break>`` and ``<eoss>`` included, as in the training loss).
 
 The per-token CE comes from the model's own fused head loss (``Chameleon.forward(..., targets=...)``,
-i.e. :func:`chameleon_lm.model.head.head_loss`), the call the trainer's ``_losses`` makes; only its
-three masked sums (all / text / image) are done here, since ``eval`` may not import ``training``.
+i.e. :func:`chameleon_lm.model.head.head_loss`), summed by modality with the trainer's own
+:func:`chameleon_lm.model.head.modality_sums`.
 
 Each document is a sequence of its own (nothing is packed across documents). A document longer than the
 model's ``max_seq_len`` is scored in sliding windows of ``max_seq_len`` inputs, positions restarting at
@@ -19,7 +19,6 @@ once, with at least ``max_seq_len - stride`` tokens of context once past the fir
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -33,6 +32,8 @@ from torch.nn.utils.rnn import pad_sequence
 from chameleon_lm.data.packing import IGNORE_INDEX
 from chameleon_lm.data.shards import TokenDataset
 from chameleon_lm.documents import EncodedDocument
+from chameleon_lm.eval.metrics import write_json
+from chameleon_lm.model.head import modality_sums
 from chameleon_lm.tokenizers.vocab import IMAGE, Vocab
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -114,12 +115,10 @@ def _score(model: nn.Module, rows: list[tuple[torch.Tensor, ...]], pad_id: int, 
     ids, tgt, img = (pad_sequence(list(parts), batch_first=True, padding_value=fill).to(device)
                      for parts, fill in ((inputs, pad_id), (targets, IGNORE_INDEX), (images, False)))
     # right padding under plain causal attention: pad slots never reach a real token
-    _, ce, _, _ = model(ids, targets=tgt, chunk_size=chunk_size, ignore_index=IGNORE_INDEX)
-    ce = ce.double()  # the three sums then add up exactly
-    valid = tgt.reshape(-1) != IGNORE_INDEX
-    image = valid & img.reshape(-1)
-    text = valid & ~image
-    sums = [ce[valid].sum(), valid.sum(), ce[text].sum(), text.sum(), ce[image].sum(), image.sum()]
+    loss, ce, z, norm = model(ids, targets=tgt, chunk_size=chunk_size, ignore_index=IGNORE_INDEX)
+    # float64 per-token CE: the three sums then add up exactly
+    s = modality_sums((loss, ce.double(), z, norm), tgt, img, IGNORE_INDEX)
+    sums = [s.ce, s.n, s.ce_text, s.n_text, s.ce_image, s.n_image]
     return torch.stack([x.double() for x in sums]).cpu()
 
 
@@ -206,15 +205,6 @@ def perplexity(
     }
 
 
-def _finite_or_none(x: Any) -> Any:
-    """NaN/inf as null, for strict JSON readers."""
-    if isinstance(x, dict):
-        return {k: _finite_or_none(v) for k, v in x.items()}
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
-
-
 def parse_data(specs: list[str]) -> dict[str, str]:
     """``name=DIR`` (or ``DIR``, named after its folder) → ``{name: DIR}``; names must differ."""
     out: dict[str, str] = {}
@@ -259,10 +249,7 @@ def run_perplexity(
                  for k in ("all", "text", "image") if m[k]["tokens"]]
         print(f"{name}: {'; '.join(parts) or 'no targets'} over {m['documents']} documents")
     if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(_finite_or_none(results), indent=2) + "\n")
-        print(f"wrote {out / 'metrics.json'}")
+        print(f"wrote {write_json(Path(out) / 'metrics.json', results)}")
     return results
 
 

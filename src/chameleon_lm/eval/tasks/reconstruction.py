@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 from PIL import Image
 
 from chameleon_lm.data.sources import Sample, Source, load_image, open_source
+from chameleon_lm.eval.metrics import write_json
 from chameleon_lm.eval.tasks import positive_int
 from chameleon_lm.tokenizers.image import ImageTokenizer
 from chameleon_lm.tokenizers.images import ImageSource
@@ -196,9 +196,7 @@ def run_reconstruction(
         "resolution": tokenizer.resolution, "mode": tokenizer.mode,
         "codebook_size": tokenizer.codebook_size, "batch_size": batch_size}}
     if out is not None:
-        folder = Path(out)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+        write_json(Path(out) / "metrics.json", result)
     return result
 
 
