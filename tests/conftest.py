@@ -45,3 +45,15 @@ def tiny_model(codec, seed: int = 0):
 
     torch.manual_seed(seed)
     return Chameleon(ChameleonConfig.preset("tiny", vocab_size=len(codec.text))).eval()
+
+
+def toy_quickstart_config():
+    """The quickstart at toy scale (seconds): every stage runs, nothing learns much."""
+    from chameleon_lm.quickstart import QuickstartConfig
+
+    return QuickstartConfig(train_pairs=48, test_pairs=4, stories=6, text_docs=6, vq_steps=2,
+                            model_steps=2, workers=1,
+                            train_overrides=["model_overrides.dim=64", "model_overrides.n_layers=1",
+                                             "model_overrides.n_heads=2", "model_overrides.n_kv_heads=2",
+                                             "model_overrides.ffn_dim=128", "batch_size=2",
+                                             "val_batches=1"])

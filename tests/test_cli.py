@@ -7,13 +7,11 @@ def test_quickstart_pipeline_end_to_end(tmp_path):
 
     from chameleon_lm import load_model
     from chameleon_lm.cli import main
-    from chameleon_lm.quickstart import QuickstartConfig, run
+    from conftest import toy_quickstart_config
 
-    cfg = QuickstartConfig(train_pairs=48, test_pairs=4, stories=6, text_docs=6, vq_steps=2,
-                           model_steps=2, workers=1,
-                           train_overrides=["model_overrides.dim=64", "model_overrides.n_layers=1",
-                                            "model_overrides.n_heads=2", "model_overrides.n_kv_heads=2",
-                                            "model_overrides.ffn_dim=128", "batch_size=2", "val_batches=1"])
+    from chameleon_lm.quickstart import run
+
+    cfg = toy_quickstart_config()
     lines = []
     metrics = run(tmp_path, cfg, log=lines.append)
     for key in ("text_to_image_accuracy", "image_to_text_accuracy", "text_to_image_accuracy_unseen",
