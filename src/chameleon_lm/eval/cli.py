@@ -14,7 +14,6 @@ from PIL import Image
 
 from chameleon_lm.checkpoints import load_model
 from chameleon_lm.data.sources import open_source
-from chameleon_lm.documents import DocumentCodec
 from chameleon_lm.eval.metrics import write_json
 from chameleon_lm.eval.pairs import evaluate_pairs, load_pairs
 from chameleon_lm.eval.shapes_judge import ShapesPairJudge, world_from_manifest
@@ -59,7 +58,7 @@ def pairs_results(model_dir, data: dict[str, str], judge, generation: Generation
     loaded = load_model(model_dir, device=device)
     if loaded.image_tokenizer is None:
         raise ValueError(f"{model_dir}: the model folder has no image tokenizer")
-    codec = DocumentCodec(loaded.text_tokenizer, loaded.image_tokenizer)
+    codec = loaded.codec
     results, samples = {}, {}
     for name, spec in data.items():
         pairs = load_pairs(open_source(spec), limit)

@@ -130,7 +130,7 @@ def _load(model_dir: str | os.PathLike, device: str):
     loaded = load_model(model_dir, device=device)
     if loaded.image_tokenizer is None:
         raise ValueError(f"{model_dir}: the model folder has no image tokenizer")
-    return loaded.model, DocumentCodec(loaded.text_tokenizer, loaded.image_tokenizer)
+    return loaded.model, loaded.codec
 
 
 def _write_metrics(out_dir: str | os.PathLike | None, metrics: dict[str, Any]) -> None:

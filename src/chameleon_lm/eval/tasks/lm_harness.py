@@ -46,6 +46,7 @@ from typing import Any
 import torch
 
 from chameleon_lm.checkpoints import LoadedModel, load_model
+from chameleon_lm.checkpoints.convert import DTYPES as CONVERT_DTYPES
 from chameleon_lm.generation.engine import Engine, TextDelta
 from chameleon_lm.generation.sampling import GenerationConfig, TextSampling
 
@@ -53,8 +54,8 @@ log = logging.getLogger(__name__)
 
 INSTALL_HINT = ("lm-evaluation-harness is not installed; install it with "
                 "pip install 'chameleon-lm[eval]'")
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+# lm_eval users also write torch's names (bfloat16, float16, float32)
+DTYPES = {**CONVERT_DTYPES, **{str(t).removeprefix("torch."): t for t in CONVERT_DTYPES.values()}}
 _GEN_KEYS = {"until", "max_gen_toks", "max_new_tokens", "do_sample", "temperature", "top_p", "top_k"}
 
 

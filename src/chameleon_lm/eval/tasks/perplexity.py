@@ -29,14 +29,13 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
+from chameleon_lm.checkpoints.convert import DTYPES
 from chameleon_lm.data.packing import IGNORE_INDEX
 from chameleon_lm.data.shards import TokenDataset
 from chameleon_lm.documents import EncodedDocument
 from chameleon_lm.eval.metrics import write_json
 from chameleon_lm.model.head import modality_sums
 from chameleon_lm.tokenizers.vocab import IMAGE, Vocab
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
