@@ -24,6 +24,7 @@ import json
 import os
 import random
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,15 +128,9 @@ class PromptSet:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"prompt set {path} not found")
-        prompts = []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                prompts.append(Prompt(**{k: row[k] for k in row if k in Prompt.__dataclass_fields__}))
-            except (json.JSONDecodeError, TypeError, ValueError, AttributeError) as e:
-                raise ValueError(f"{path}:{n}: not a prompt ({e})") from None
+        fields = Prompt.__dataclass_fields__
+        prompts = list(_rows(path, "a prompt", lambda row: Prompt(**{k: row[k] for k in row
+                                                                     if k in fields})))
         if not prompts:
             raise ValueError(f"{path}: no prompts")
         return cls(prompts, path.parent)
@@ -164,30 +159,37 @@ def import_meta(path: str | os.PathLike, images: str | os.PathLike | None = None
     """
     path = Path(path)
     folder = Path(images) if images is not None else None
-    prompts = []
+    prompts = list(_rows(path, "a Meta prompt line", lambda row: _meta_prompt(row, folder, output)))
+    return PromptSet(prompts, path.parent)
+
+
+def _meta_prompt(row: dict[str, Any], folder: Path | None, output: str) -> Prompt:
+    texts, urls = row["prompt"].split("<img>"), list(row.get("image_urls") or [])
+    if len(texts) - 1 != len(urls):
+        raise ValueError(f"{len(texts) - 1} <img> markers but {len(urls)} image_urls")
+    parts: list[dict[str, Any]] = []
+    for i, text in enumerate(texts):
+        if text.strip():
+            parts.append({"type": "text", "text": text.strip()})
+        if i < len(urls):
+            local = folder / urls[i].rstrip("/").rsplit("/", 1)[-1] if folder else None
+            if local is None and "://" not in urls[i] and Path(urls[i]).is_file():
+                local = Path(urls[i])  # an export of a local set names its files
+            parts.append({"type": "image", "path": str(local.resolve())} if local and local.is_file()
+                         else {"type": "image", "url": urls[i]})
+    return Prompt(id=str(row["id"]), parts=parts, category=row.get("task_type", "general"),
+                  output=output)
+
+
+def _rows(path: Path, what: str, parse) -> Iterator:
+    """``parse`` of each non-empty JSONL line; a bad line is a ValueError naming it."""
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-            texts, urls = row["prompt"].split("<img>"), list(row.get("image_urls") or [])
-        except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
-            raise ValueError(f"{path}:{n}: not a Meta prompt line ({e})") from None
-        if len(texts) - 1 != len(urls):
-            raise ValueError(f"{path}:{n}: {len(texts) - 1} <img> markers but {len(urls)} image_urls")
-        parts: list[dict[str, Any]] = []
-        for i, text in enumerate(texts):
-            if text.strip():
-                parts.append({"type": "text", "text": text.strip()})
-            if i < len(urls):
-                local = folder / urls[i].rstrip("/").rsplit("/", 1)[-1] if folder else None
-                if local is None and "://" not in urls[i] and Path(urls[i]).is_file():
-                    local = Path(urls[i])  # an export of a local set names its files
-                parts.append({"type": "image", "path": str(local.resolve())} if local and local.is_file()
-                             else {"type": "image", "url": urls[i]})
-        prompts.append(Prompt(id=str(row["id"]), parts=parts, category=row.get("task_type", "general"),
-                              output=output))
-    return PromptSet(prompts, path.parent)
+            yield parse(json.loads(line))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"{path}:{n}: not {what} ({e})") from None
 
 
 def export_meta(prompts: PromptSet, path: str | os.PathLike) -> Path:
