@@ -57,3 +57,14 @@ def toy_quickstart_config():
                                              "model_overrides.n_heads=2", "model_overrides.n_kv_heads=2",
                                              "model_overrides.ffn_dim=128", "batch_size=2",
                                              "val_batches=1"])
+
+
+def write_token_dataset(folder, docs, vocab_size) -> str:
+    """Encoded documents as a one-shard token dataset in ``folder`` (what ``data tokenize`` writes)."""
+    from chameleon_lm.data.shards import ShardWriter, write_index
+
+    w = ShardWriter(folder, 0, "unit", vocab_size)
+    for i, d in enumerate(docs):
+        w.add(d, f"k{i}", str(i))
+    write_index(folder, [w.close()], vocab_size=vocab_size, info={})
+    return str(folder)

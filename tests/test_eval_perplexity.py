@@ -8,21 +8,17 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import shapes_codec, tiny_model
+from conftest import shapes_codec, tiny_model, write_token_dataset
 
 from chameleon_lm import Chameleon, Document
-from chameleon_lm.data.shards import ShardWriter, TokenDataset, write_index
+from chameleon_lm.data.shards import TokenDataset
 from chameleon_lm.eval.tasks.perplexity import add_cli, parse_data, perplexity, windows
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_dataset(folder, docs, vocab_size):
-    w = ShardWriter(folder, 0, "unit", vocab_size)
-    for i, d in enumerate(docs):
-        w.add(d, f"k{i}", str(i))
-    write_index(folder, [w.close()], vocab_size=vocab_size, info={})
-    return TokenDataset(folder)
+    return TokenDataset(write_token_dataset(folder, docs, vocab_size))
 
 
 @pytest.fixture(scope="module")

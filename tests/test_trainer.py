@@ -7,27 +7,19 @@ import shutil
 
 import pytest
 import torch
+from conftest import write_token_dataset
 
 from chameleon_lm import Chameleon, Document, DocumentCodec, load_model
 from chameleon_lm.checkpoints import save_as
 from chameleon_lm.data.loader import TrainLoader
 from chameleon_lm.data.mixture import MixtureConfig, MixtureSource
-from chameleon_lm.data.shards import ShardWriter, write_index
 from chameleon_lm.tokenizers.text import train_text_tokenizer
 from chameleon_lm.training import checkpoint
 from chameleon_lm.training.checkpoint import load_training_state, save_training_state
 from chameleon_lm.training.logger import MetricsLogger
-from chameleon_lm.training.trainer import Trainer, TrainConfig, latest_checkpoint
+from chameleon_lm.training.trainer import TrainConfig, Trainer, latest_checkpoint
 
 K, N = 64, 16
-
-
-def write_dataset(folder, docs, vocab_size):
-    w = ShardWriter(folder, 0, "unit", vocab_size)
-    for i, d in enumerate(docs):
-        w.add(d, f"k{i}", str(i))
-    write_index(folder, [w.close()], vocab_size=vocab_size, info={})
-    return str(folder)
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +32,8 @@ def setup(tmp_path_factory):
         codes = torch.randint(0, K, (N,), generator=torch.Generator().manual_seed(i % 4))
         docs.append(codec.encode(Document.of(words[i % 4], codes), eos=True))
     folder = tmp_path_factory.mktemp("data")
-    pairs = write_dataset(folder / "pairs", docs, len(tok))
-    chat = write_dataset(folder / "chat", [codec.encode_chat(Document.of("a red circle"),
+    pairs = write_token_dataset(folder / "pairs", docs, len(tok))
+    chat = write_token_dataset(folder / "chat", [codec.encode_chat(Document.of("a red circle"),
                                                              Document.of("a blue square"))], len(tok))
     tok.save(folder / "tok")
     return tok, codec, {"pairs": pairs, "chat": chat, "tokenizers": str(folder / "tok")}
