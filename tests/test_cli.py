@@ -90,6 +90,13 @@ def test_shipped_configs_parse():
 
     ev = read_config_file(folder / "quickstart" / "eval.toml")
     assert {"pairs", "perplexity", "reconstruction", "answers"} <= set(ev) <= {"model", "out", "seed", *SECTIONS}
+    from pathlib import Path
+
+    from chameleon_lm.quickstart import QuickstartConfig, eval_config
+
+    filled = eval_config(Path("runs/qs"), QuickstartConfig())  # a relative --out, as in the README
+    assert filled["model"] == str(Path("runs/qs/model").resolve())
+    assert all(Path(p).is_absolute() for p in filled["pairs"]["data"].values())
     for path in train:
         cfg = load_train_config(path, [])
         assert cfg.data is not None and cfg.data.sources and cfg.val

@@ -70,6 +70,7 @@ def train_config(out: Path) -> dict:
 
 def eval_config(out: Path, cfg: QuickstartConfig) -> dict:
     """``eval.toml`` with its paths inside ``out`` and the run's seed and guidance."""
+    out = out.resolve()  # absolute: `eval report` reads relative paths from the config's folder
     ev = read_config_file(Path(str(CONFIGS / "eval.toml")))
     ev["model"], ev["out"], ev["seed"] = str(out / ev["model"]), str(out / ev["out"]), cfg.seed
     pairs = ev["pairs"]
