@@ -58,10 +58,11 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def start_ours(native: str, dtype: str, port: int, max_batch: int, log: Path) -> subprocess.Popen:
+def start_ours(native: str, dtype: str, port: int, max_batch: int, log: Path, compile: bool
+               ) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "chameleon_lm", "serve", "--model", native, "--port", str(port),
            "--name", "bench", "--dtype", DTYPES[dtype][0], "--max-batch", str(max_batch),
-           "--log-level", "warning"]
+           "--log-level", "warning", *(["--compile"] if compile else [])]
     return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
@@ -128,6 +129,7 @@ def main() -> None:
     ap.add_argument("--vllm-arg", action="append", default=[], metavar="NAME=ARG",
                     help="extra vLLM flags for one model, e.g. 'quickstart=--max-model-len=512'")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="serve ours with --compile")
     ap.add_argument("--port", type=int, default=8300)
     args = ap.parse_args()
     logs = Path(tempfile.mkdtemp(prefix="bench-serving-"))
@@ -140,7 +142,7 @@ def main() -> None:
         for dtype in args.dtype:
             result = {"ours": {}, "vllm": {}, "hf": {}}
             servers = {"ours": (start_ours(native, dtype, args.port, max(args.concurrency),
-                                           logs / f"ours-{name}-{dtype}.log"), args.port)}
+                                           logs / f"ours-{name}-{dtype}.log", args.compile), args.port)}
             if args.vllm_python:
                 servers["vllm"] = (start_vllm(args.vllm_python, hf, dtype, args.port + 1,
                                               logs / f"vllm-{name}-{dtype}.log", extra), args.port + 1)
@@ -194,7 +196,8 @@ def main() -> None:
             f"{args.max_tokens} new tokens per request (`min_tokens` + `ignore_eos`), greedy, repetition "
             f"penalty 1.0; C requests at once, tok/s = all completion tokens / wall time, median of "
             f"{args.repeat} rounds in which both servers (up together) take turns level by level; all "
-            f"rounds' figures below the table. HF = `generate` on a static batch of C, in-process.\n\n"
+            f"rounds' figures below the table. HF = `generate` on a static batch of C, in-process. "
+            f"Ours served {'with' if args.compile else 'without'} `--compile`.\n\n"
             + "\n".join(lines) + "\n\nEvery round (tok/s):\n\n" + every
             + "\n\nImages (ours; vLLM cannot):\n\n" + "\n".join(image_lines) + "\n")
     print(body)

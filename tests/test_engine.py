@@ -1,5 +1,6 @@
 """The continuous-batching engine: batch independence, joining and leaving, cancel, limits, threads."""
 
+import shutil
 import threading
 
 import pytest
@@ -184,3 +185,21 @@ def test_a_bf16_model_batches_rows_of_different_lengths(codec):
     together = engine.run([engine.submit(p, c) for p, c in reqs])
     assert [d.ids for d in together] == [d.ids for d in expected]
     assert all(d.reason != "error" for d in together)
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                    reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_decoding_matches_eager_and_stays_batch_independent(model, codec):
+    reqs = requests(codec)
+    eager = [alone(model, codec, p, c) for p, c in reqs]
+    engine = Engine(model, codec.vocab, codec=codec, max_rows=7, compile=True)
+    jobs = [engine.submit(*r) for r in reqs[:2]]
+    engine.step()
+    jobs += [engine.submit(*r) for r in reqs[2:]]  # join a running batch: other batch sizes, lengths
+    engine.run(jobs)
+    assert engine._decode is not None, "the compiled step fell back to eager"
+    for job, want in zip(jobs, eager):
+        assert job.finished.ids == want.ids and job.finished.reason == want.reason
+    alone_compiled = Engine(model, codec.vocab, codec=codec, max_rows=3, compile=True)
+    (done,) = alone_compiled.run([alone_compiled.submit(*reqs[1])])
+    assert done.ids == eager[1].ids

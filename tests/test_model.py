@@ -116,6 +116,41 @@ def test_rows_of_different_lengths_take_several_tokens_at_once():
         torch.testing.assert_close(step[row], alone, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kv_heads", [None, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_step_equals_the_cache_path(kv_heads, dtype):
+    """A DecodeStep reads the cache, attends over it and the new key in one softmax, leaves the cache
+    alone; KVCache.append then writes what the in-place path writes."""
+    from chameleon_lm.model.transformer import DecodeStep
+
+    cfg = ChameleonConfig.preset("tiny", n_kv_heads=kv_heads)
+    model = Chameleon(cfg).eval().to(dtype)
+    prompts = [torch.randint(0, cfg.vocab_size, (n,)) for n in (9, 3, 6)]
+    caches = [model.new_cache(3, max_len=16) for _ in range(2)]
+    for cache in caches:
+        for row, seq in enumerate(prompts):
+            model(seq[None], cache.rows(slice(row, row + 1)))
+    nxt = torch.randint(0, cfg.vocab_size, (3, 1))
+    with torch.no_grad():
+        want = model.hidden_states(nxt, caches[0])
+        cache = caches[1]
+        k_before = cache.k.clone()
+        step = DecodeStep(cache.k, cache.v, torch.tensor([9, 3, 6]), 9)
+        got = model.hidden_states(nxt, step)
+        assert torch.equal(cache.k, k_before) and cache.host_lengths.tolist() == [9, 3, 6]
+        k_new, v_new = step.new_keys()
+        assert k_new.shape == (cfg.n_layers, 3, cfg.kv_heads, cfg.head_dim)
+        cache.append(k_new, v_new)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    assert cache.host_lengths.tolist() == caches[0].host_lengths.tolist() == [10, 4, 7]
+    torch.testing.assert_close(cache.k, caches[0].k, atol=tol, rtol=tol)
+    torch.testing.assert_close(cache.v, caches[0].v, atol=tol, rtol=tol)
+    with pytest.raises(ValueError, match="decode step"):
+        model.hidden_states(torch.zeros(3, 2, dtype=torch.long), DecodeStep(cache.k, cache.v,
+                                                                            torch.tensor([1, 1, 1]), 1))
+
+
 def test_cache_errors():
     cfg = ChameleonConfig.preset("tiny")
     model = Chameleon(cfg).eval()

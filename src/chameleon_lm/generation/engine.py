@@ -40,9 +40,10 @@ import torch
 from PIL import Image
 
 from chameleon_lm.documents import Document, DocumentCodec
-from chameleon_lm.generation.packed import PackedMatrix, _version, pack_linears
+from chameleon_lm.generation.packed import PackedLinear, PackedMatrix, _version, pack_linears
 from chameleon_lm.generation.sampling import GenerationConfig, cfg_mix, sample, text_scores, warp
 from chameleon_lm.model import Chameleon
+from chameleon_lm.model.transformer import DecodeStep
 from chameleon_lm.tokenizers.text import TextTokenizer
 from chameleon_lm.tokenizers.vocab import IMAGE, TEXT, Vocab
 
@@ -286,11 +287,14 @@ class Engine:
         image_seq_len: codes per image (default: the codec's).
         decode_images: decode finished images in the engine (else ``ImageComplete.image`` is None and the
             caller decodes the codes, e.g. in another thread).
+        compile: run each decoding step as one ``torch.compile`` graph (:func:`decode_step`): it fuses
+            the norms, RoPE and attention's small ops around the matmuls. The first steps compile
+            (tens of seconds on CPU); a compiler failure logs a warning and decoding goes on eagerly.
     """
 
     def __init__(self, model: Chameleon, vocab: Vocab, *, codec: DocumentCodec | None = None,
                  max_rows: int = 32, image_seq_len: int | None = None, decode_images: bool = True,
-                 pack: bool = True, max_seq_len: int | None = None):
+                 pack: bool = True, max_seq_len: int | None = None, compile: bool = False):
         V = model.config.vocab_size
         if V < vocab.size:
             raise ValueError(f"the model has {V} logits but the tokenizer {vocab.size} ids")
@@ -303,6 +307,8 @@ class Engine:
         self.device = model.output.weight.device
         if pack:
             pack_linears(model)
+        self._packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
+        self._decode = torch.compile(decode_step, dynamic=True) if compile else None
         classes = torch.full((V,), -1, dtype=torch.int8)
         classes[: vocab.size] = vocab.classes
         text = classes == TEXT
@@ -319,6 +325,10 @@ class Engine:
         self._heads()
         self.cache = model.new_cache(max_rows, min(256, self.max_seq_len))
         self.h = torch.zeros(max_rows, model.config.dim, dtype=model.output.weight.dtype, device=self.device)
+        if self._decode is not None:  # compile now, on rows nobody uses yet, not in a request's first step
+            with torch.inference_mode():
+                self._compiled_feed(torch.zeros(1, 1, dtype=torch.long, device=self.device), 1)
+            self.cache.host_lengths[:] = 0
         self.rows: list[_Row] = []
         self.jobs: list[Job] = []  # admitted, in order
         self.waiting: collections.deque[Job] = collections.deque()
@@ -626,7 +636,32 @@ class Engine:
         assert [r.slot for r, _ in feed] == list(range(n)), "every live row feeds one token per step"
         self._room(self.cache.length + 1)
         x = torch.tensor([[t] for _, t in feed], dtype=torch.long, device=self.device)
+        if self._decode is not None and self._compiled_feed(x, n):
+            return
         self.h[:n] = self.model.hidden_states(x, self.cache.rows(slice(0, n)))[:, -1]
+
+    def _compiled_feed(self, x: torch.Tensor, n: int) -> bool:
+        """:meth:`_feed` through the compiled step; False (and eager from now on) if compiling fails."""
+        if self.cache.max_len < 2:
+            return False
+        if any(layer.stale for layer in self._packed):  # the compiled graph can't see a new weight
+            pack_linears(self.model)
+        # One row runs as two (the second's output is dropped) and the longest row counts as at least
+        # two tokens (the mask hides the rest): a size of 1 would compile a graph of its own.
+        B = max(n, min(2, self.max_rows))
+        lengths = torch.ones(B, dtype=torch.long)
+        lengths[:n] = torch.from_numpy(self.cache.host_lengths[:n]).clamp(min=1)  # 0 only in the warm-up
+        x = torch.cat([x, x.new_zeros(B - n, 1)])
+        try:
+            h, k_new, v_new = self._decode(self.model, x, self.cache.k[:, :B], self.cache.v[:, :B],
+                                           lengths.to(self.device), max(2, int(lengths.max())))
+        except Exception as e:  # noqa: BLE001 - e.g. no C++ compiler: decode eagerly from here on
+            log.warning("compiled decoding failed (%s: %s); decoding eagerly", type(e).__name__, e)
+            self._decode = None
+            return False
+        self.cache.rows(slice(0, n)).append(k_new[:, :n], v_new[:, :n])
+        self.h[:n] = h[:n, -1]
+        return True
 
     def _finish(self, job: Job, reason: str, error: str | None = None) -> None:
         if job.finished is not None:
@@ -654,6 +689,16 @@ class Engine:
         job.finished = Done(new, document, reason, job.start, error)
         self.counters[f"finished_{reason}"] += 1
         job._emit(job.finished)
+
+
+def decode_step(model: Chameleon, x_B1: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                lengths_B: torch.Tensor, longest: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One token per row through the model, reading cache buffers ``k``/``v`` (rows ``[0, B)``, row b
+    holding ``lengths_B[b]`` tokens, ``longest`` the most): hidden states ``[B, 1, D]`` and the new keys
+    and values ``[L, B, K, E]`` for :meth:`KVCache.append`. The function the engine compiles."""
+    step = DecodeStep(k, v, lengths_B, longest)
+    h = model.hidden_states(x_B1, step)
+    return (h, *step.new_keys())
 
 
 def _groups(jobs: list[Job], key: Callable[[Job], object]) -> list[tuple[Job, list[int]]]:

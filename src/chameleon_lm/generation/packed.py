@@ -13,6 +13,8 @@ also faster for prefill. PyTorch ships both the reorder and the primitive (they 
   threads may run the model. The packed copy is used only under ``torch.no_grad``/``inference_mode``
   for CPU inputs of the weight's dtype and while the weight is unchanged (its version counter; a write through
   ``weight.data`` bypasses the counter and is not seen): anything else goes through ``F.linear``.
+- In a compiled graph (the engine's compiled decode step) the packed copy is one opaque op, and the
+  version check is the caller's (:meth:`PackedLinear.stale` before each call).
 - :class:`PackedMatrix` is a packed ``x @ w.T`` for a matrix of its own (the engine's text and image
   rows of the output head).
 
@@ -62,10 +64,26 @@ def fits(nbytes: int) -> bool:
     return 2 * nbytes <= free
 
 
+@torch.library.custom_op("chameleon_lm::packed_linear", mutates_args=())
+def _packed_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """The oneDNN primitive as one opaque op for compiled graphs (inductor lowers the aten op only for
+    weights frozen into the graph as constants)."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+
+@_packed_linear.register_fake
+def _(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], out_features)
+
+
 def _packed_matmul(
     x: torch.Tensor, packed: torch.Tensor, weight: torch.Tensor, version: int | None
 ) -> torch.Tensor:
     """``x @ weight.T`` with the packed copy where that is valid, else plain ``F.linear``."""
+    if (torch.compiler.is_compiling() and not torch.is_grad_enabled() and x.dtype == weight.dtype
+            and x.device.type == "cpu"):  # a compiled graph can't read the version: its caller checks it
+        y = _packed_linear(x.reshape(-1, x.shape[-1]), packed, weight.shape[0])
+        return y.view(*x.shape[:-1], weight.shape[0])
     if (torch.is_grad_enabled() or x.dtype != weight.dtype or x.device.type != "cpu"
             or _version(weight) != version):
         return F.linear(x, weight)

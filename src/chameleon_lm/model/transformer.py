@@ -235,6 +235,75 @@ class KVCache:
         """Count T more tokens on every row (after every layer has written them)."""
         self.host_lengths += T
 
+    def append(self, k_LBKE: torch.Tensor, v_LBKE: torch.Tensor) -> None:
+        """Write one new token's keys and values of every layer after each row's tokens (the keys a
+        :class:`DecodeStep` collected), and count it."""
+        B = k_LBKE.shape[1]
+        rows = torch.arange(B, device=self.k.device)
+        at = torch.from_numpy(self.host_lengths[:B]).to(self.k.device)
+        # advanced indices on dims 1 and 3 put the row dimension first: [B, L, K, E]
+        self.k[:, rows, :, at] = k_LBKE.transpose(0, 1).to(self.k.dtype)
+        self.v[:, rows, :, at] = v_LBKE.transpose(0, 1).to(self.v.dtype)
+        self.host_lengths[:B] += 1
+
+
+class DecodeStep:
+    """One decoding step (one new token per row) that reads the cache and never writes it, so that the
+    whole step can run as one compiled graph (a graph that writes into the cache buffer gets compiled
+    into a copy of all of it).
+
+    Row b has ``lengths[b]`` >= 1 cached tokens (a tensor: no host values inside the graph) and rows
+    ``[0, B)`` of ``cache`` are used. Each layer attends over the row's cached keys and its own new key
+    in one softmax; the new keys and values are collected (:meth:`new_keys`) for
+    :meth:`KVCache.append` to write after the step.
+    """
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, longest: int):
+        # k, v: a KVCache's [L, B, K, S_max, E] buffers; longest: max(lengths), a host int
+        self.k, self.v, self.lengths, self.longest = k, v, lengths, longest
+        self.batch_size = lengths.shape[0]
+        self.collected: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def check(self, B: int, T: int) -> None:
+        if T != 1 or B != self.batch_size:
+            raise ValueError(f"a decode step takes [{self.batch_size}, 1] ids, got [{B}, {T}]")
+
+    def positions_and_mask(self, T: int, device: torch.device) -> tuple[torch.Tensor, None]:
+        return self.lengths[:, None], None
+
+    def attend(self, layer: int, q_BHTE: torch.Tensor, k_BKTE: torch.Tensor, v_BKTE: torch.Tensor
+               ) -> torch.Tensor:
+        """Attention ``[B, H, 1, E]`` of each row's query over its cached keys and its new key."""
+        B, H, _, E = q_BHTE.shape
+        K = k_BKTE.shape[1]
+        self.collected.append((k_BKTE[:, :, 0], v_BKTE[:, :, 0]))
+        k_old = self.k[layer, :B, :, : self.longest]  # [B, K, S, E]
+        v_old = self.v[layer, :B, :, : self.longest]
+        q = q_BHTE.reshape(B, K, H // K, E).to(k_old.dtype)  # query heads grouped by their KV head
+        k_new, v_new = k_BKTE.to(k_old.dtype), v_BKTE.to(k_old.dtype)  # [B, K, 1, E]
+        held = torch.arange(self.longest, device=q.device) < self.lengths[:, None]  # [B, S]
+        own = (q * k_new).sum(-1) * E**-0.5  # [B, K, G]: the score of the row's new key
+        if q.device.type == "cpu":  # the fused kernel, which also returns the log-sum-exp
+            bias = torch.zeros(held.shape, dtype=q.dtype, device=q.device).masked_fill(~held, float("-inf"))
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q, k_old, v_old, attn_mask=bias[:, None, None, :])  # [B, K, G, E], [B, K, G]
+        else:
+            scores = (q @ k_old.transpose(-1, -2)) * E**-0.5  # [B, K, G, S]
+            scores = scores.masked_fill(~held[:, None, None, :], float("-inf"))
+            lse = scores.logsumexp(-1)
+            out = torch.softmax(scores, -1) @ v_old
+        top = torch.maximum(lse, own)
+        w_old, w_own = torch.exp(lse - top)[..., None], torch.exp(own - top)[..., None]
+        out = (w_old * out + w_own * v_new) / (w_old + w_own)  # one softmax over old keys and the new one
+        return out.reshape(B, H, 1, E)
+
+    def new_keys(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's new keys and values of every layer, ``[L, B, K, E]`` each."""
+        return (torch.stack([k for k, _ in self.collected]), torch.stack([v for _, v in self.collected]))
+
+    def advance(self, T: int) -> None:
+        pass  # the lengths move in KVCache.append, after the step
+
 
 class PackedRows:
     """Input ``[1, sum(lengths)]``: sequence i is prefilled into cache row ``rows[i]`` (see
@@ -287,7 +356,7 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: torch.Tensor | BlockMask | None,
-        cache: KVCache | None,
+        cache: KVCache | DecodeStep | None,
         layer: int,
     ) -> torch.Tensor:
         B, T, _ = x_BTD.shape
@@ -296,6 +365,8 @@ class Attention(nn.Module):
         v = self.wv(x_BTD).view(B, T, self.n_kv_heads, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H|K, T, E]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if isinstance(cache, DecodeStep):
+            return self.wo(cache.attend(layer, q, k, v).transpose(1, 2).reshape(B, T, -1).to(x_BTD.dtype))
         if cache is not None:
             k, v = cache.update(layer, k, v)  # [B, K, S, E]
             q = q.to(k.dtype)  # the cache may be fp32 under a bf16 model (see Chameleon.new_cache)
@@ -380,7 +451,7 @@ class Chameleon(nn.Module):
     def hidden_states(
         self,
         input_ids: torch.Tensor,
-        cache: KVCache | None = None,
+        cache: KVCache | DecodeStep | None = None,
         *,
         positions: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
@@ -389,7 +460,8 @@ class Chameleon(nn.Module):
 
         Args:
             input_ids: ``[B, T]`` token ids.
-            cache: KV cache for incremental decoding, extended in place by these tokens.
+            cache: KV cache for incremental decoding, extended in place by these tokens; or a
+                :class:`DecodeStep` (one token per row, the cache left unchanged).
             positions: ``[B, T]`` integer RoPE positions; default: 0, 1, … after each row's cached tokens.
             doc_ids: ``[B, T]`` integer document of each token of packed rows: a token attends only to
                 earlier tokens with the same id (pad slots: -1, attending among themselves). Default:

@@ -35,6 +35,7 @@ from PIL import Image
 from prometheus_client import (
     CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest,
 )
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chameleon_lm.data.sources.base import ImageRef, SkipSample, data_url_bytes, load_image, png_bytes
@@ -85,6 +86,8 @@ class ServeConfig(Config):
     """Run the engine in a child process (``serve/worker.py``); False: a thread of this process."""
     threads: int | None = None
     """Torch threads of the engine process (default: torch's)."""
+    compile: bool = False
+    """Decode with one ``torch.compile`` graph per step (``Engine(compile=True)``; compiles at start)."""
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_concurrent < 1:
@@ -116,10 +119,11 @@ class Server:
     def __init__(self, model: Chameleon, codec: DocumentCodec, config: ServeConfig):
         self.model, self.codec, self.config = model, codec, config
         if config.engine_process:
-            self.engine = EngineProcess(model, codec, max_rows=3 * config.max_batch, threads=config.threads)
+            self.engine = EngineProcess(model, codec, max_rows=3 * config.max_batch, threads=config.threads,
+                                        compile=config.compile)
         else:
             self.engine = Engine(model, codec.vocab, codec=codec, max_rows=3 * config.max_batch,
-                                 decode_images=False)
+                                 decode_images=False, compile=config.compile)
         self.max_prompt_tokens = min(config.max_prompt_tokens or model.config.max_seq_len,
                                      model.config.max_seq_len)
         self.pool = concurrent.futures.ThreadPoolExecutor(config.image_workers, "chameleon-images")
@@ -255,10 +259,12 @@ class Server:
                                    repetition_penalty=req.repetition_penalty, seed=req.seed)
         return config.replace(progress_every=getattr(req, "image_previews", 0) or 64)
 
-    async def events(self, job: Job, queue: asyncio.Queue, request: Request) -> AsyncIterator:
+    async def events(self, job: Job, queue: asyncio.Queue, request: Request, poll: bool = True
+                     ) -> AsyncIterator:
         """The job's events, text deltas that arrived together merged into one; the job is cancelled
-        if the client goes away or the consumer stops."""
-        watcher = asyncio.ensure_future(self._watch(queue, request))
+        if the client goes away or the consumer stops. ``poll=False`` for a streamed response, which
+        Starlette closes itself when the client disconnects."""
+        watcher = asyncio.ensure_future(self._watch(queue, request, poll))
         try:
             while True:
                 event = await queue.get()
@@ -274,12 +280,12 @@ class Server:
             watcher.cancel()
             job.cancel()
 
-    async def _watch(self, queue: asyncio.Queue, request: Request) -> None:
+    async def _watch(self, queue: asyncio.Queue, request: Request, poll: bool) -> None:
         """Ends the event stream when the client disconnects, or when the engine never answers."""
         give_up = time.monotonic() + self.config.request_timeout_s + 30
         while True:
-            await asyncio.sleep(0.1)
-            if await request.is_disconnected():
+            await asyncio.sleep(0.1 if poll else give_up - time.monotonic())
+            if poll and await request.is_disconnected():
                 queue.put_nowait(_GONE)
                 return
             if time.monotonic() > give_up:
@@ -320,6 +326,18 @@ class _Bridge:
             items, self.pending = self.pending, []
         for queue, event in items:
             queue.put_nowait(event)
+
+
+class _AsgiMiddleware:
+    """``handler(scope, receive, send, call_next)`` around the app, for HTTP requests."""
+
+    def __init__(self, app, handler):
+        self.app, self.handler = app, handler
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        await self.handler(scope, receive, send, self.app)
 
 
 def _sse(payload: dict | str) -> str:
@@ -372,26 +390,36 @@ def create_app(model: Chameleon, codec: DocumentCodec, config: ServeConfig | Non
         log.exception("internal error on %s", request.url.path)
         return error_response(ApiError(500, f"internal error: {type(e).__name__}", type="server_error"))
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        path = request.url.path
+    async def guard(scope, receive, send, call_next):
+        # a plain ASGI middleware: Starlette's BaseHTTPMiddleware adds a task hop to every SSE chunk
+        path = scope["path"]
         endpoint = path if path in KNOWN_PATHS else "other"
+        status = 500
+        async def sending(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
         try:
+            headers = Headers(scope=scope)
             if path.startswith("/v1/") and config.api_keys:
-                header = request.headers.get("authorization", "")
+                header = headers.get("authorization", "")
                 key = header[7:] if header.lower().startswith("bearer ") else ""
                 if not any(hmac.compare_digest(key.encode(), k.encode()) for k in config.api_keys):
                     raise ApiError(401, "a valid API key is required (Authorization: Bearer KEY)",
                                    type="authentication_error", code="invalid_api_key")
-            length = request.headers.get("content-length")
+            length = headers.get("content-length")
             if length is not None and (not length.isdigit() or int(length) > config.max_body_bytes):
                 raise ApiError(413, f"the request body is larger than {config.max_body_bytes} bytes",
                                code="request_too_large")
-            response = await call_next(request)
         except ApiError as e:
-            response = error_response(e)
-        server.metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        return response
+            await error_response(e)(scope, receive, sending)
+        else:
+            await call_next(scope, receive, sending)
+        finally:
+            server.metrics.requests.labels(endpoint, str(status)).inc()
+
+    app.add_middleware(_AsgiMiddleware, handler=guard)
 
     # --------------------------------------------------------------------------- endpoints
 
@@ -570,7 +598,7 @@ async def _stream_chat(server: Server, job: Job, queue: asyncio.Queue, request: 
     preview: asyncio.Future | None = None
     try:
         yield chunk({"role": "assistant", "content": ""})
-        async for event in server.events(job, queue, request):
+        async for event in server.events(job, queue, request, poll=False):
             if first is None and isinstance(event, (TextDelta, ImageProgress, ImageComplete)):
                 first = time.monotonic() - started
                 server.metrics.ttft.observe(first)
@@ -610,7 +638,7 @@ async def _stream_completion(server: Server, job: Job, queue: asyncio.Queue, req
 
     started, first = time.monotonic(), None
     try:
-        async for event in server.events(job, queue, request):
+        async for event in server.events(job, queue, request, poll=False):
             if isinstance(event, TextDelta):
                 if first is None:
                     first = time.monotonic() - started

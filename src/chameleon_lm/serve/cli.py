@@ -34,6 +34,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt-format", choices=["raw", "chat"], default="raw",
                    help="raw: the messages as one document (base models); chat: the sft layout")
     p.add_argument("--threads", type=int, help="CPU threads of the engine process (default: torch's)")
+    p.add_argument("--compile", action="store_true",
+                   help="decode through torch.compile (faster steps; compiles for a minute at start)")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=_cmd_serve)
 
@@ -55,7 +57,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, request_timeout_s=args.timeout,
         max_image_bytes=int(args.max_image_mb * 2**20), api_keys=keys,
         allow_remote_images=args.allow_remote_images, prompt_format=args.prompt_format,
-        threads=args.threads,
+        threads=args.threads, compile=args.compile,
     )
     app = create_app(bundle.model, bundle.codec, config)
     print(f"serving {config.model_name} on http://{args.host}:{args.port}/ (viewer at /, API at /v1)",
