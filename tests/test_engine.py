@@ -201,5 +201,9 @@ def test_compiled_decoding_matches_eager_and_stays_batch_independent(model, code
     for job, want in zip(jobs, eager):
         assert job.finished.ids == want.ids and job.finished.reason == want.reason
     alone_compiled = Engine(model, codec.vocab, codec=codec, max_rows=3, compile=True)
-    (done,) = alone_compiled.run([alone_compiled.submit(*reqs[1])])
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    with torch.inference_mode():
+        alone_compiled.cache.grow(2 * alone_compiled.cache.max_len)  # as a long request makes it
+    (done,) = alone_compiled.run([alone_compiled.submit(*reqs[1])])  # one row: run as two
     assert done.ids == eager[1].ids
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "a step recompiled"

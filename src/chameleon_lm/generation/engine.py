@@ -323,7 +323,8 @@ class Engine:
         self.image_context: list[bool] = keep.tolist()  # what the image-conditioned row keeps
         self._heads_key: tuple | None = None
         self._heads()
-        self.cache = model.new_cache(max_rows, min(256, self.max_seq_len))
+        with torch.inference_mode():  # as every cache the steps make: a compiled graph guards on it
+            self.cache = model.new_cache(max_rows, min(256, self.max_seq_len))
         self.h = torch.zeros(max_rows, model.config.dim, dtype=model.output.weight.dtype, device=self.device)
         if self._decode is not None:  # compile now, on rows nobody uses yet, not in a request's first step
             with torch.inference_mode():
@@ -378,7 +379,7 @@ class Engine:
         finally:
             if job.finished is None:
                 job.cancel()
-                with self._lock:
+                with self._lock, torch.inference_mode():  # freeing a row writes the cache
                     self._reap()
 
     @property
