@@ -141,6 +141,15 @@ def test_sample_draws_from_the_softmax_and_never_a_masked_word(monkeypatch):
     assert S.sample(probs.log()[None], None, greedy=False).tolist() == [2]
 
 
+def test_forbid_copies_unless_in_place():
+    logits = torch.randn(2, 6)
+    before = logits.clone()
+    out = S.forbid(logits, [[1, 4], []])
+    assert torch.equal(logits, before) and out[0, [1, 4]].isneginf().all() and torch.equal(out[1], before[1])
+    same = S.forbid(logits, [[], [0]], inplace=True)
+    assert same is logits and logits[1, 0].isneginf() and torch.equal(logits[0], before[0])
+
+
 def test_text_chain_order_and_sampling():
     cfg = TextSampling(temperature=0.5, top_p=0.9, top_k=3, repetition_penalty=1.3)
     scores = torch.randn(2, 20)

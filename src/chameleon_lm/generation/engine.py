@@ -557,7 +557,7 @@ class Engine:
                 cfg = group.config.text
                 scores = logits[idx] if len(idx) < len(text_jobs) else logits
                 scores = text_scores(scores, [list(text_jobs[i].seen) for i in idx],
-                                     [self._forbidden(text_jobs[i]) for i in idx], cfg)
+                                     [self._forbidden(text_jobs[i]) for i in idx], cfg, inplace=True)
                 toks = self.text_ids[sample(scores, [text_jobs[i].generator for i in idx], cfg.greedy)]
                 for i, tok in zip(idx, toks.tolist()):
                     chosen[text_jobs[i].id] = tok

@@ -163,13 +163,13 @@ def penalize(logits_BV: torch.Tensor, seen: torch.Tensor | list[list[int]], pena
     return logits_BV.scatter(1, seen, new if keep is None else torch.where(keep, score, new))
 
 
-def forbid(logits_BV: torch.Tensor, columns: list[list[int]]) -> torch.Tensor:
+def forbid(logits_BV: torch.Tensor, columns: list[list[int]], inplace: bool = False) -> torch.Tensor:
     """−inf at the given columns of each row (a few per row: cheaper than a ``[B, V]`` mask)."""
     rows = [r for r, cols in enumerate(columns) for _ in cols]
     if not rows:
         return logits_BV
     cols = [c for cols in columns for c in cols]
-    out = logits_BV.clone()
+    out = logits_BV if inplace else logits_BV.clone()
     out[rows, cols] = float("-inf")
     return out
 
@@ -224,17 +224,18 @@ def cfg_mix(
 
 def text_scores(
     logits_BV: torch.Tensor, seen: torch.Tensor | list[list[int]],
-    allowed: torch.Tensor | list[list[int]], cfg: TextSampling,
+    allowed: torch.Tensor | list[list[int]], cfg: TextSampling, inplace: bool = False,
 ) -> torch.Tensor:
     """The official text chain on raw logits; the scores to sample from (or take the argmax of).
 
     ``allowed`` is a bool ``[V]`` mask, or per row the few columns that are not allowed; ``seen`` the ids
-    so far (``[B, S]``, or a list per row) for the repetition penalty.
+    so far (``[B, S]``, or a list per row) for the repetition penalty. ``inplace``: the forbidden
+    columns may be written into ``logits_BV`` (a caller's scratch tensor: no copy of the whole batch).
     """
     if isinstance(allowed, torch.Tensor):
         logits_BV = allow_only(logits_BV, allowed)
     else:
-        logits_BV = forbid(logits_BV, allowed)
+        logits_BV = forbid(logits_BV, allowed, inplace)
     scores = penalize(logits_BV, seen, cfg.repetition_penalty)
     return scores if cfg.greedy else warp(scores, cfg.temperature, cfg.top_k, cfg.top_p)
 
