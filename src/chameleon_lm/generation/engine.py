@@ -288,8 +288,9 @@ class Engine:
         decode_images: decode finished images in the engine (else ``ImageComplete.image`` is None and the
             caller decodes the codes, e.g. in another thread).
         compile: run each decoding step as one ``torch.compile`` graph (:func:`decode_step`): it fuses
-            the norms, RoPE and attention's small ops around the matmuls. The first steps compile
-            (tens of seconds on CPU); a compiler failure logs a warning and decoding goes on eagerly.
+            the norms, RoPE and attention's small ops around the matmuls. It compiles here, in the
+            constructor (tens of seconds on CPU); a compiler failure logs a warning and decoding goes
+            on eagerly.
     """
 
     def __init__(self, model: Chameleon, vocab: Vocab, *, codec: DocumentCodec | None = None,
@@ -327,8 +328,11 @@ class Engine:
             self.cache = model.new_cache(max_rows, min(256, self.max_seq_len))
         self.h = torch.zeros(max_rows, model.config.dim, dtype=model.output.weight.dtype, device=self.device)
         if self._decode is not None:  # compile now, on rows nobody uses yet, not in a request's first step
+            training = model.training
+            model.eval()  # as the steps run it (the graph guards on the mode)
             with torch.inference_mode():
                 self._compiled_feed(torch.zeros(1, 1, dtype=torch.long, device=self.device), 1)
+            model.train(training)
             self.cache.host_lengths[:] = 0
         self.rows: list[_Row] = []
         self.jobs: list[Job] = []  # admitted, in order
