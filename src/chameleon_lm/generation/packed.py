@@ -64,11 +64,15 @@ def fits(nbytes: int) -> bool:
     return 2 * nbytes <= free
 
 
+def _primitive(x_ND: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x_ND, packed, None, "none", [], "")
+
+
 @torch.library.custom_op("chameleon_lm::packed_linear", mutates_args=())
 def _packed_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
     """The oneDNN primitive as one opaque op for compiled graphs (inductor lowers the aten op only for
     weights frozen into the graph as constants)."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+    return _primitive(x, packed)
 
 
 @_packed_linear.register_fake
@@ -80,14 +84,12 @@ def _packed_matmul(
     x: torch.Tensor, packed: torch.Tensor, weight: torch.Tensor, version: int | None
 ) -> torch.Tensor:
     """``x @ weight.T`` with the packed copy where that is valid, else plain ``F.linear``."""
-    if (torch.compiler.is_compiling() and not torch.is_grad_enabled() and x.dtype == weight.dtype
-            and x.device.type == "cpu"):  # a compiled graph can't read the version: its caller checks it
-        y = _packed_linear(x.reshape(-1, x.shape[-1]), packed, weight.shape[0])
-        return y.view(*x.shape[:-1], weight.shape[0])
+    compiling = torch.compiler.is_compiling()
     if (torch.is_grad_enabled() or x.dtype != weight.dtype or x.device.type != "cpu"
-            or _version(weight) != version):
+            or (not compiling and _version(weight) != version)):  # a graph can't read it: its caller checks
         return F.linear(x, weight)
-    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, None, "none", [], "")
+    x_ND = x.reshape(-1, x.shape[-1])
+    y = _packed_linear(x_ND, packed, weight.shape[0]) if compiling else _primitive(x_ND, packed)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
