@@ -43,6 +43,7 @@ from chameleon_lm.documents import Document, DocumentCodec
 from chameleon_lm.generation.packed import PackedLinear, PackedMatrix, _version, pack_linears
 from chameleon_lm.generation.sampling import GenerationConfig, cfg_mix, sample, text_scores, warp
 from chameleon_lm.model import Chameleon
+from chameleon_lm.model.decode_attention import cpu_kernel
 from chameleon_lm.model.transformer import DecodeStep
 from chameleon_lm.tokenizers.text import TextTokenizer
 from chameleon_lm.tokenizers.vocab import IMAGE, TEXT, Vocab
@@ -309,7 +310,9 @@ class Engine:
         if pack:
             pack_linears(model)
         self._packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
-        self._decode = torch.compile(decode_step, dynamic=True) if compile else None
+        if self.device.type == "cpu":
+            cpu_kernel()  # built (once) before a compiled step traces the attention that calls it
+        self._compiled = torch.compile(decode_step, dynamic=True) if compile else None
         classes = torch.full((V,), -1, dtype=torch.int8)
         classes[: vocab.size] = vocab.classes
         text = classes == TEXT
@@ -327,11 +330,12 @@ class Engine:
         with torch.inference_mode():  # as every cache the steps make: a compiled graph guards on it
             self.cache = model.new_cache(max_rows, min(256, self.max_seq_len))
         self.h = torch.zeros(max_rows, model.config.dim, dtype=model.output.weight.dtype, device=self.device)
-        if self._decode is not None:  # compile now, on rows nobody uses yet, not in a request's first step
+        if self._compiled is not None:  # compile now, on rows nobody uses yet, not in a request's first step
             training = model.training
             model.eval()  # as the steps run it (the graph guards on the mode)
             with torch.inference_mode():
-                self._compiled_feed(torch.zeros(1, 1, dtype=torch.long, device=self.device), 1)
+                self.cache.host_lengths[0] = 1  # one (zero) cached token, as every decoding row has
+                self._decode(torch.zeros(1, 1, dtype=torch.long, device=self.device), 1)
             model.train(training)
             self.cache.host_lengths[:] = 0
         self.rows: list[_Row] = []
@@ -640,33 +644,33 @@ class Engine:
         n = len(self.rows)
         assert [r.slot for r, _ in feed] == list(range(n)), "every live row feeds one token per step"
         self._room(self.cache.length + 1)
-        x = torch.tensor([[t] for _, t in feed], dtype=torch.long, device=self.device)
-        if self._decode is not None and self._compiled_feed(x, n):
-            return
-        self.h[:n] = self.model.hidden_states(x, self.cache.rows(slice(0, n)))[:, -1]
+        self._decode(torch.tensor([[t] for _, t in feed], dtype=torch.long, device=self.device), n)
 
-    def _compiled_feed(self, x: torch.Tensor, n: int) -> bool:
-        """:meth:`_feed` through the compiled step; False (and eager from now on) if compiling fails."""
-        if self.cache.max_len < 2:
-            return False
-        if any(layer.stale for layer in self._packed):  # the compiled graph can't see a new weight
-            pack_linears(self.model)
-        # One row runs as two (the second's output is dropped) and the longest row counts as at least
-        # two tokens (the mask hides the rest): a size of 1 would compile a graph of its own.
-        B = max(n, min(2, self.max_rows))
-        lengths = torch.ones(B, dtype=torch.long)
-        lengths[:n] = torch.from_numpy(self.cache.host_lengths[:n]).clamp(min=1)  # 0 only in the warm-up
-        x = torch.cat([x, x.new_zeros(B - n, 1)])
-        try:
-            h, k_new, v_new = self._decode(self.model, x, self.cache.k[:, :B], self.cache.v[:, :B],
-                                           lengths.to(self.device), max(2, int(lengths.max())))
-        except Exception as e:  # noqa: BLE001 - e.g. no C++ compiler: decode eagerly from here on
-            log.warning("compiled decoding failed (%s: %s); decoding eagerly", type(e).__name__, e)
-            self._decode = None
-            return False
+    def _decode(self, x: torch.Tensor, n: int) -> None:
+        """Rows ``[0, n)`` take their tokens ``x`` through :func:`decode_step` (compiled or not); the
+        new keys go into the cache and the hidden states into ``self.h``."""
+        if self._compiled is not None and self.cache.max_len >= 2:
+            if any(layer.stale for layer in self._packed):  # the compiled graph can't see a new weight
+                pack_linears(self.model)
+            # One row runs as two (the second's output is dropped) and the longest row counts as at
+            # least two tokens (the mask hides the rest): a size of 1 would compile a graph of its own.
+            B = max(n, min(2, self.max_rows))
+            lengths = torch.ones(B, dtype=torch.long)
+            lengths[:n] = torch.from_numpy(self.cache.host_lengths[:n])
+            try:
+                h, k_new, v_new = self._compiled(
+                    self.model, torch.cat([x, x.new_zeros(B - n, 1)]), self.cache.k[:, :B],
+                    self.cache.v[:, :B], lengths.to(self.device), max(2, int(lengths.max())))
+            except Exception as e:  # noqa: BLE001 - e.g. no C++ compiler: decode eagerly from here on
+                log.warning("compiled decoding failed (%s: %s); decoding eagerly", type(e).__name__, e)
+                self._compiled = None
+                return self._decode(x, n)
+        else:
+            lengths = torch.from_numpy(self.cache.host_lengths[:n]).to(self.device)
+            h, k_new, v_new = decode_step(self.model, x, self.cache.k[:, :n], self.cache.v[:, :n], lengths,
+                                          self.cache.length)
         self.cache.rows(slice(0, n)).append(k_new[:, :n], v_new[:, :n])
         self.h[:n] = h[:n, -1]
-        return True
 
     def _finish(self, job: Job, reason: str, error: str | None = None) -> None:
         if job.finished is not None:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from chameleon_lm.model.config import ChameleonConfig
+from chameleon_lm.model.decode_attention import cpu_kernel, decode_attention
 from chameleon_lm.model.head import OutputHead
 
 try:
@@ -276,25 +277,11 @@ class DecodeStep:
         """Attention ``[B, H, 1, E]`` of each row's query over its cached keys and its new key."""
         B, H, _, E = q_BHTE.shape
         K = k_BKTE.shape[1]
-        self.collected.append((k_BKTE[:, :, 0], v_BKTE[:, :, 0]))
-        k_old = self.k[layer, :B, :, : self.longest]  # [B, K, S, E]
-        v_old = self.v[layer, :B, :, : self.longest]
-        q = q_BHTE.reshape(B, K, H // K, E).to(k_old.dtype)  # query heads grouped by their KV head
-        k_new, v_new = k_BKTE.to(k_old.dtype), v_BKTE.to(k_old.dtype)  # [B, K, 1, E]
-        held = torch.arange(self.longest, device=q.device) < self.lengths[:, None]  # [B, S]
-        own = (q * k_new).sum(-1) * E**-0.5  # [B, K, G]: the score of the row's new key
-        if q.device.type == "cpu":  # the fused kernel, which also returns the log-sum-exp
-            bias = torch.zeros(held.shape, dtype=q.dtype, device=q.device).masked_fill(~held, float("-inf"))
-            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                q, k_old, v_old, attn_mask=bias[:, None, None, :])  # [B, K, G, E], [B, K, G]
-        else:
-            scores = (q @ k_old.transpose(-1, -2)) * E**-0.5  # [B, K, G, S]
-            scores = scores.masked_fill(~held[:, None, None, :], float("-inf"))
-            lse = scores.logsumexp(-1)
-            out = torch.softmax(scores, -1) @ v_old
-        top = torch.maximum(lse, own)
-        w_old, w_own = torch.exp(lse - top)[..., None], torch.exp(own - top)[..., None]
-        out = (w_old * out + w_own * v_new) / (w_old + w_own)  # one softmax over old keys and the new one
+        k_new, v_new = k_BKTE[:, :, 0], v_BKTE[:, :, 0]
+        self.collected.append((k_new, v_new))
+        q = q_BHTE.reshape(B, K, H // K, E)  # query heads grouped by their KV head
+        out = decode_attention(q, self.k[layer, :B, :, : self.longest], self.v[layer, :B, :, : self.longest],
+                               k_new, v_new, self.lengths)
         return out.reshape(B, H, 1, E)
 
     def new_keys(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -328,11 +315,13 @@ class PackedRows:
         return positions, sdpa_document_mask(doc[None])
 
     def update(self, layer: int, k_BKTE: torch.Tensor, v_BKTE: torch.Tensor):
-        k_BKTE, v_BKTE = k_BKTE.to(self.cache.k.dtype), v_BKTE.to(self.cache.v.dtype)
         for row, s, n in zip(self.rows, self.starts, self.lengths):
             self.cache.k[layer, row, :, :n] = k_BKTE[0, :, s : s + n]
             self.cache.v[layer, row, :, :n] = v_BKTE[0, :, s : s + n]
-        return k_BKTE, v_BKTE
+        # On CPU the prompt attends in fp32, whatever the cache holds: a bf16 flash kernel rounds by its
+        # block partition, which moves with a sequence's place in the packed row.
+        dtype = torch.float32 if k_BKTE.device.type == "cpu" else self.cache.k.dtype
+        return k_BKTE.to(dtype), v_BKTE.to(dtype)
 
     def advance(self, T: int) -> None:
         for row, n in zip(self.rows, self.lengths):
@@ -440,11 +429,13 @@ class Chameleon(nn.Module):
 
     def new_cache(self, batch_size: int, max_len: int | None = None,
                   dtype: torch.dtype | None = None) -> KVCache:
-        """An empty KV cache on the model's device, in the model's dtype; on CPU in fp32 by default,
-        where attention over bf16 keys runs 2-4x slower than over fp32 ones."""
+        """An empty KV cache on the model's device, in the model's dtype (the keys and values are
+        computed in it); on CPU in fp32 unless the model is bf16 and the decode kernel is there (the
+        fused SDPA kernels attend over bf16 keys 2-4x slower than over fp32 ones)."""
         w = self.output.weight
         if dtype is None:
-            dtype = torch.float32 if w.device.type == "cpu" else w.dtype
+            cpu_bf16 = w.dtype == torch.bfloat16 and cpu_kernel()
+            dtype = torch.float32 if w.device.type == "cpu" and not cpu_bf16 else w.dtype
         return KVCache(self.config, batch_size, max_len or self.config.max_seq_len, device=w.device,
                        dtype=dtype)
 

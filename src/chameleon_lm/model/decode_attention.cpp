@@ -1,0 +1,160 @@
+// One decoding step's attention on CPU: each query over its row's cached keys and its own new key.
+//
+// Built on first use by model/decode_attention.py (torch.utils.cpp_extension) and registered as the
+// operator chameleon_lm::decode_attention, so compiled graphs call it like any aten op. Each
+// (row, kv-head) streams its keys once for all the query heads of its group, reads only the row's
+// own length (no mask, no padding), and accumulates in fp32 over fp32 or bf16 caches.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+
+inline float hsum(const Vec& x) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  return x.reduce_add();
+#else  // the generic Vectorized's reduce_add does not compile
+  float lanes[Vec::size()];
+  x.store(lanes);
+  float sum = 0;
+  for (int i = 0; i < Vec::size(); i++) sum += lanes[i];
+  return sum;
+#endif
+}
+
+template <typename T>
+inline Vec load_float(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return Vec::loadu(p);
+  } else {
+    return std::get<0>(at::vec::convert_bfloat16_float(at::vec::Vectorized<at::BFloat16>::loadu(p, Vec::size())));
+  }
+}
+
+// NV vectors per head (head_dim = NV * Vec::size()).
+template <typename T, int NV>
+void attend(const float* q, const T* k, const T* v, const float* k_new, const float* v_new,
+            const int64_t* lengths, float* out, int64_t B, int64_t K, int64_t G, int64_t S,
+            const int64_t* ks, const int64_t* vs) {
+  constexpr int64_t W = Vec::size(), E = NV * W;
+  const float scale = 1.f / std::sqrt(static_cast<float>(E));
+  at::parallel_for(0, B * K, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(S + 1);
+    float* sc = scores.data();
+    for (int64_t bk = begin; bk < end; bk++) {
+      const int64_t b = bk / K, h = bk % K;
+      const int64_t n = std::min<int64_t>(std::max<int64_t>(lengths[b], 0), S);
+      const T* kb = k + b * ks[0] + h * ks[1];
+      const T* vb = v + b * vs[0] + h * vs[1];
+      const float* kn = k_new + bk * E;
+      const float* vn = v_new + bk * E;
+      for (int64_t g = 0; g < G; g++) {
+        Vec qv[NV];
+        for (int j = 0; j < NV; j++) qv[j] = Vec::loadu(q + (bk * G + g) * E + j * W) * Vec(scale);
+        int64_t s = 0;
+        for (; s + 4 <= n; s += 4) {  // four keys at a time: independent accumulators
+          const T* k0 = kb + s * ks[2];
+          Vec a0(0), a1(0), a2(0), a3(0);
+          for (int j = 0; j < NV; j++) {
+            a0 = at::vec::fmadd(qv[j], load_float(k0 + j * W), a0);
+            a1 = at::vec::fmadd(qv[j], load_float(k0 + ks[2] + j * W), a1);
+            a2 = at::vec::fmadd(qv[j], load_float(k0 + 2 * ks[2] + j * W), a2);
+            a3 = at::vec::fmadd(qv[j], load_float(k0 + 3 * ks[2] + j * W), a3);
+          }
+          sc[s] = hsum(a0);
+          sc[s + 1] = hsum(a1);
+          sc[s + 2] = hsum(a2);
+          sc[s + 3] = hsum(a3);
+        }
+        for (; s < n; s++) {
+          Vec a(0);
+          for (int j = 0; j < NV; j++) a = at::vec::fmadd(qv[j], load_float(kb + s * ks[2] + j * W), a);
+          sc[s] = hsum(a);
+        }
+        Vec a(0);
+        for (int j = 0; j < NV; j++) a = at::vec::fmadd(qv[j], Vec::loadu(kn + j * W), a);
+        sc[n] = hsum(a);  // the new key, last
+        const int64_t count = n + 1;
+        const float top = at::vec::reduce_all<float>(
+            [](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, sc, count);
+        at::vec::map([top](Vec x) { return (x - Vec(top)).exp(); }, sc, sc, count);
+        const float sum = at::vec::reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, sc, count);
+        Vec acc[NV];
+        for (int j = 0; j < NV; j++) acc[j] = Vec::loadu(vn + j * W) * Vec(sc[n]);
+        for (s = 0; s < n; s++) {
+          const Vec p(sc[s]);
+          const T* v0 = vb + s * vs[2];
+          for (int j = 0; j < NV; j++) acc[j] = at::vec::fmadd(p, load_float(v0 + j * W), acc[j]);
+        }
+        const Vec inv(1.f / sum);
+        for (int j = 0; j < NV; j++) (acc[j] * inv).store(out + (bk * G + g) * E + j * W);
+      }
+    }
+  });
+}
+
+template <typename T>
+void dispatch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_new,
+              const at::Tensor& v_new, const at::Tensor& lengths, at::Tensor& out) {
+  const int64_t B = q.size(0), K = q.size(1), G = q.size(2), E = q.size(3), S = k.size(2);
+  const int64_t ks[3] = {k.stride(0), k.stride(1), k.stride(2)};
+  const int64_t vs[3] = {v.stride(0), v.stride(1), v.stride(2)};
+#define ATTEND(NV)                                                                                     \
+  attend<T, NV>(q.data_ptr<float>(), k.data_ptr<T>(), v.data_ptr<T>(), k_new.data_ptr<float>(),        \
+                v_new.data_ptr<float>(), lengths.data_ptr<int64_t>(), out.data_ptr<float>(), B, K, G, S, \
+                ks, vs)
+  switch (E / Vec::size()) {
+    case 1: ATTEND(1); break;
+    case 2: ATTEND(2); break;
+    case 4: ATTEND(4); break;
+    case 8: ATTEND(8); break;
+    case 16: ATTEND(16); break;
+    default: TORCH_CHECK(false, "decode_attention: unsupported head_dim ", E);
+  }
+#undef ATTEND
+}
+
+// q [B, K, G, E] (query heads grouped by kv head); k, v [B, K, S, E] cache rows (last dim contiguous);
+// k_new, v_new [B, K, E]; lengths [B]: row b's cached keys are k[b, :, :lengths[b]].
+// Returns the attention output [B, K, G, E] in fp32.
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& k_new, const at::Tensor& v_new, const at::Tensor& lengths) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && k_new.dim() == 3 && v_new.dim() == 3,
+              "decode_attention: expected q [B,K,G,E], k/v [B,K,S,E], k_new/v_new [B,K,E]");
+  const int64_t B = q.size(0), K = q.size(1), E = q.size(3);
+  TORCH_CHECK(k.size(0) == B && k.size(1) == K && k.size(3) == E && v.sizes() == k.sizes(),
+              "decode_attention: cache shape mismatch");
+  TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "decode_attention: cache rows must be contiguous");
+  TORCH_CHECK(k.scalar_type() == v.scalar_type() &&
+                  (k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16),
+              "decode_attention: the cache must be float32 or bfloat16");
+  TORCH_CHECK(E % Vec::size() == 0, "decode_attention: head_dim must be a multiple of ", Vec::size());
+  TORCH_CHECK(lengths.numel() == B, "decode_attention: one length per row");
+  auto q32 = q.to(at::kFloat).contiguous();
+  auto kn = k_new.to(at::kFloat).contiguous(), vn = v_new.to(at::kFloat).contiguous();
+  auto len = lengths.to(at::kLong).contiguous();
+  auto out = at::empty(q.sizes(), q.options().dtype(at::kFloat));
+  if (k.scalar_type() == at::kFloat) {
+    dispatch<float>(q32, k, v, kn, vn, len, out);
+  } else {
+    dispatch<at::BFloat16>(q32, k, v, kn, vn, len, out);
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(chameleon_lm, m) {
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor k_new, Tensor v_new, Tensor lengths) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(chameleon_lm, CPU, m) { m.impl("decode_attention", &decode_attention); }

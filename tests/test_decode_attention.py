@@ -1,0 +1,77 @@
+"""The decoding step's attention: the CPU kernel and the reference path against plain float64 math."""
+
+import os
+
+import pytest
+import torch
+
+from chameleon_lm.model import decode_attention as da
+
+
+def _math(q, k, v, k_new, v_new, lengths):
+    """Softmax over row b's first lengths[b] keys and its new key, per query head, in float64."""
+    B, K, G, E = q.shape
+    out = torch.empty(B, K, G, E, dtype=torch.float64)
+    for b in range(B):
+        n = int(lengths[b])
+        keys = torch.cat([k[b, :, :n].double(), k_new[b, :, None].double()], 1)  # [K, n+1, E]
+        values = torch.cat([v[b, :, :n].double(), v_new[b, :, None].double()], 1)
+        scores = q[b].double() @ keys.transpose(-1, -2) / E**0.5  # [K, G, n+1]
+        out[b] = torch.softmax(scores, -1) @ values
+    return out
+
+
+def _case(B, K, G, E, S_max, longest, dtype, seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    cache = [torch.randn(B, K, S_max, E, generator=g).to(dtype) for _ in range(2)]
+    k, v = (c[:, :, :longest] for c in cache)  # a view of the first slots, as DecodeStep passes
+    q = torch.randn(B, K, G, E, generator=g) * scale  # peaked softmaxes: exp far below its peak
+    k_new, v_new = torch.randn(B, K, E, generator=g), torch.randn(B, K, E, generator=g)
+    lengths = torch.randint(0, longest + 1, (B,), generator=g)
+    lengths[0], lengths[-1] = longest, 0  # a full row and a row with only its new key
+    return q, k, v, k_new, v_new, lengths
+
+
+def test_the_kernel_builds_on_this_machine():
+    if os.environ.get("CHAMELEON_CPU_KERNELS") == "0":
+        pytest.skip("CPU kernels disabled")
+    assert da.cpu_kernel()  # the CI machine has a compiler: a build failure must fail here
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("K,G,E", [(4, 1, 64), (2, 4, 16), (1, 2, 128), (3, 1, 32)])
+def test_kernel_and_reference_equal_plain_math(dtype, K, G, E):
+    q, k, v, k_new, v_new, lengths = _case(5, K, G, E, S_max=40, longest=37, dtype=dtype)
+    want = _math(q, k, v, k_new, v_new, lengths)
+    if da.cpu_kernel():
+        got = torch.ops.chameleon_lm.decode_attention(q, k, v, k_new, v_new, lengths)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)  # bf16 keys are read exactly; fp32 math
+    held = lengths.clamp(min=1)  # the reference's fused kernel needs a cached key per row
+    ref = da.reference(q, k, v, k_new, v_new, held)
+    ref_tol = 1e-5 if dtype == torch.float32 else 2e-2  # it computes in the cache's dtype
+    torch.testing.assert_close(ref.double(), _math(q, k, v, k_new, v_new, held), atol=ref_tol, rtol=ref_tol)
+
+
+def test_the_kernel_runs_inside_a_compiled_graph():
+    if not da.cpu_kernel():
+        pytest.skip("no CPU kernel here")
+    q, k, v, k_new, v_new, lengths = _case(3, 2, 2, 64, S_max=16, longest=9, dtype=torch.float32, seed=1)
+
+    def step(q, k, v, k_new, v_new, lengths):
+        return da.decode_attention(q * 2, k, v, k_new, v_new, lengths).sum(-1)
+
+    compiled = torch.compile(step, dynamic=True, fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v, k_new, v_new, lengths), step(q, k, v, k_new, v_new, lengths))
+
+
+def test_bad_inputs_are_refused():
+    if not da.cpu_kernel():
+        pytest.skip("no CPU kernel here")
+    q, k, v, k_new, v_new, lengths = _case(2, 2, 1, 64, S_max=8, longest=8, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="cache shape"):
+        torch.ops.chameleon_lm.decode_attention(q, k[:, :1], v[:, :1], k_new, v_new, lengths)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        torch.ops.chameleon_lm.decode_attention(q, k.half(), v.half(), k_new, v_new, lengths)
+    with pytest.raises(RuntimeError, match="one length per row"):
+        torch.ops.chameleon_lm.decode_attention(q, k, v, k_new, v_new, lengths[:1])
