@@ -43,7 +43,7 @@ from chameleon_lm.documents import DocumentCodec
 from chameleon_lm.generation.engine import Done, Engine, ImageComplete, ImageProgress, Job, TextDelta
 from chameleon_lm.generation.sampling import GenerationConfig
 from chameleon_lm.model import Chameleon
-from chameleon_lm.serve.worker import EngineProcess
+from chameleon_lm.serve.worker import EngineProcess, freeze_heap
 from chameleon_lm.serve.openai import (
     ApiError, ChatRequest, CompletionRequest, ImagesRequest, Message, finish_reason, generation_config, image_part, image_urls,
     message_turns, png_data_url, prompt_ids,
@@ -352,6 +352,7 @@ def create_app(model: Chameleon, codec: DocumentCodec, config: ServeConfig | Non
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await asyncio.to_thread(server.engine.start)
+        freeze_heap()
         try:
             yield
         finally:
