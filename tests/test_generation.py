@@ -576,3 +576,16 @@ def test_packed_bf16_linears_equal_plain_bf16(codec):
     assert isinstance(m.layers[0].feed_forward.w2, PackedLinear)
     with torch.inference_mode():
         torch.testing.assert_close(m(ids), plain, rtol=0, atol=0)
+
+
+def test_argmax_is_torchs_argmax_exactly():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 2048, generator=g)
+    x[1, 700] = x[1, 1500] = 50.0  # a tie across chunks: the first one
+    x[2, 3] = x[2, 9] = 50.0  # a tie within a chunk
+    x[3] = float("-inf")  # nothing allowed
+    x[4, 1800], x[4, 900] = float("nan"), float("nan")  # NaN counts as the largest, first one wins
+    x[5, :1024] = float("-inf")
+    for scores in (x, x[:, :1536], x.t().contiguous().t(), x.to(torch.bfloat16), x[:, :1000]):
+        assert torch.equal(S.argmax(scores), scores.argmax(-1))
+    assert S.sample(x[[0, 1, 2]], None, greedy=True).tolist() == x[[0, 1, 2]].argmax(-1).tolist()

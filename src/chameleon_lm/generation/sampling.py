@@ -250,7 +250,7 @@ def sample(scores_BV: torch.Tensor, generator: torch.Generator | list[torch.Gene
     ~10× faster than ``torch.multinomial``, which draws an exponential variate for every word.
     """
     if greedy:
-        return scores_BV.argmax(-1)
+        return argmax(scores_BV)
     cdf_BV = scores_BV.softmax(-1).cumsum(-1)
     total_B1 = cdf_BV[:, -1:]
     if isinstance(generator, list):
@@ -264,4 +264,16 @@ def sample(scores_BV: torch.Tensor, generator: torch.Generator | list[torch.Gene
     drawn = torch.searchsorted(cdf_BV, target_B1, right=True).squeeze(-1)
     # Scores of +inf (a temperature so small that logits/t overflows) make the softmax NaN: the limit
     # of sampling as t -> 0 is the argmax.
-    return torch.where(total_B1[:, 0].isfinite(), drawn, scores_BV.argmax(-1))
+    finite = total_B1[:, 0].isfinite()
+    return drawn if bool(finite.all()) else torch.where(finite, drawn, argmax(scores_BV))
+
+
+def argmax(scores_BV: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """``scores.argmax(-1)`` exactly (the first maximum; NaN counts as the largest). On CPU through
+    the maxima of chunks of the row: torch's CPU argmax runs ~4× slower than a max-reduction."""
+    B, V = scores_BV.shape
+    if scores_BV.device.type != "cpu" or V % chunk or V < 4 * chunk:
+        return scores_BV.argmax(-1)
+    chunks = scores_BV.reshape(B, V // chunk, chunk)
+    first = chunks.amax(-1).argmax(-1)  # [B] the first chunk holding a maximum
+    return first * chunk + chunks[torch.arange(B, device=first.device), first].argmax(-1)
