@@ -586,6 +586,10 @@ def test_argmax_is_torchs_argmax_exactly():
     x[3] = float("-inf")  # nothing allowed
     x[4, 1800], x[4, 900] = float("nan"), float("nan")  # NaN counts as the largest, first one wins
     x[5, :1024] = float("-inf")
-    for scores in (x, x[:, :1536], x.t().contiguous().t(), x.to(torch.bfloat16), x[:, :1000]):
+    x[0, 2047] = 60.0  # the maximum in the last column
+    tail = x[:, :1900].clone()  # a last chunk of 108 columns, ending on a maximum
+    tail[1, 1899] = tail[1, 1890] = 70.0
+    for scores in (x, x[:, :1536], x.t().contiguous().t(), x.to(torch.bfloat16), x[:, :1000], tail,
+                   tail[:, :1899], x[:, :1025]):
         assert torch.equal(S.argmax(scores), scores.argmax(-1))
     assert S.sample(x[[0, 1, 2]], None, greedy=True).tolist() == x[[0, 1, 2]].argmax(-1).tolist()

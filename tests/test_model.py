@@ -1,5 +1,6 @@
 """The transformer: presets, block orders, KV cache, padding."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -211,15 +212,17 @@ def test_explicit_positions_and_one_document_match_the_default():
     torch.testing.assert_close(packed[:, :4], ref[:, :4], atol=1e-5, rtol=1e-5)
 
 
-def test_packed_prefill_fills_each_row_as_if_alone():
+@pytest.mark.parametrize("lengths", [(7, 3, 5), (5, 3, 5), (4, 4, 4), (1, 6, 1)])
+def test_packed_prefill_fills_each_row_as_if_alone(lengths):
+    # each length alone, a length twice apart, one length only (a strided batch), one-token prompts
     cfg = ChameleonConfig.preset("tiny")
     model = Chameleon(cfg).eval()
-    seqs = [torch.randint(0, cfg.vocab_size, (n,)) for n in (7, 3, 5)]
+    seqs = [torch.randint(0, cfg.vocab_size, (n,)) for n in lengths]
     cache = model.new_cache(4, max_len=16)
     model(seqs[0][None], cache.rows(slice(0, 1)))  # row 0 already busy; rows 1-3 are new
-    h = model.hidden_states(torch.cat(seqs)[None], cache.packed([1, 2, 3], [7, 3, 5]))[0]
-    assert cache.host_lengths.tolist() == [7, 7, 3, 5]
-    for seq, end in zip(seqs, (6, 9, 14)):
+    h = model.hidden_states(torch.cat(seqs)[None], cache.packed([1, 2, 3], list(lengths)))[0]
+    assert cache.host_lengths.tolist() == [lengths[0], *lengths]
+    for seq, end in zip(seqs, np.cumsum(lengths) - 1):
         torch.testing.assert_close(h[end], model.hidden_states(seq[None])[0, -1], atol=1e-5, rtol=1e-5)
     nxt = torch.randint(0, cfg.vocab_size, (4, 1))
     step = model(nxt, cache)[:, 0]

@@ -145,9 +145,11 @@ def repetition_penalty(logits_BV: torch.Tensor, ids_BS: torch.Tensor, penalty: f
     return penalize(logits_BV, ids_BS, penalty)
 
 
-def penalize(logits_BV: torch.Tensor, seen: torch.Tensor | list[list[int]], penalty: float) -> torch.Tensor:
+def penalize(logits_BV: torch.Tensor, seen: torch.Tensor | list[list[int]], penalty: float,
+             inplace: bool = False) -> torch.Tensor:
     """The repetition penalty on the columns ``seen`` (``[B, S]`` ids, or a list of them per row; a row
-    may repeat ids). Touches only those columns: sequences are much shorter than the vocabulary."""
+    may repeat ids). Touches only those columns: sequences are much shorter than the vocabulary.
+    ``inplace``: written into ``logits_BV`` (no copy of the whole batch)."""
     if penalty == 1.0:
         return logits_BV
     keep = None
@@ -160,7 +162,8 @@ def penalize(logits_BV: torch.Tensor, seen: torch.Tensor | list[list[int]], pena
                             dtype=torch.long, device=logits_BV.device)
     score = logits_BV.gather(1, seen)
     new = torch.where(score < 0, score * penalty, score / penalty)
-    return logits_BV.scatter(1, seen, new if keep is None else torch.where(keep, score, new))
+    new = new if keep is None else torch.where(keep, score, new)
+    return logits_BV.scatter_(1, seen, new) if inplace else logits_BV.scatter(1, seen, new)
 
 
 def forbid(logits_BV: torch.Tensor, columns: list[list[int]], inplace: bool = False) -> torch.Tensor:
@@ -230,13 +233,14 @@ def text_scores(
 
     ``allowed`` is a bool ``[V]`` mask, or per row the few columns that are not allowed; ``seen`` the ids
     so far (``[B, S]``, or a list per row) for the repetition penalty. ``inplace``: the forbidden
-    columns may be written into ``logits_BV`` (a caller's scratch tensor: no copy of the whole batch).
+    columns and the penalty may be written into ``logits_BV`` (a caller's scratch tensor: no copy of
+    the whole batch).
     """
     if isinstance(allowed, torch.Tensor):
-        logits_BV = allow_only(logits_BV, allowed)
+        logits_BV, inplace = allow_only(logits_BV, allowed), True  # a new tensor: ours to write
     else:
         logits_BV = forbid(logits_BV, allowed, inplace)
-    scores = penalize(logits_BV, seen, cfg.repetition_penalty)
+    scores = penalize(logits_BV, seen, cfg.repetition_penalty, inplace)
     return scores if cfg.greedy else warp(scores, cfg.temperature, cfg.top_k, cfg.top_p)
 
 
@@ -272,8 +276,14 @@ def argmax(scores_BV: torch.Tensor, chunk: int = 256) -> torch.Tensor:
     """``scores.argmax(-1)`` exactly (the first maximum; NaN counts as the largest). On CPU through
     the maxima of chunks of the row: torch's CPU argmax runs ~4× slower than a max-reduction."""
     B, V = scores_BV.shape
-    if scores_BV.device.type != "cpu" or V % chunk or V < 4 * chunk:
+    if scores_BV.device.type != "cpu" or V < 4 * chunk:
         return scores_BV.argmax(-1)
-    chunks = scores_BV.reshape(B, V // chunk, chunk)
-    first = chunks.amax(-1).argmax(-1)  # [B] the first chunk holding a maximum
-    return first * chunk + chunks[torch.arange(B, device=first.device), first].argmax(-1)
+    whole = V - V % chunk  # the last, shorter chunk (if any) gets a maximum of its own
+    maxima = scores_BV[:, :whole].reshape(B, whole // chunk, chunk).amax(-1)
+    if whole < V:
+        maxima = torch.cat([maxima, scores_BV[:, whole:].amax(-1, keepdim=True)], 1)
+    first = maxima.argmax(-1, keepdim=True)  # [B, 1] the first chunk holding a maximum
+    # The window of that chunk; past the row's end it repeats the last column, which can only tie
+    # with an earlier one: the first maximum stays the first.
+    cols = (first * chunk + torch.arange(chunk, device=first.device)).clamp_(max=V - 1)  # [B, chunk]
+    return cols.gather(1, scores_BV.gather(1, cols).argmax(-1, keepdim=True))[:, 0]

@@ -294,7 +294,11 @@ class DecodeStep:
 
 class PackedRows:
     """Input ``[1, sum(lengths)]``: sequence i is prefilled into cache row ``rows[i]`` (see
-    :meth:`KVCache.packed`). Attention stays within each sequence and positions restart at 0."""
+    :meth:`KVCache.packed`). Attention stays within each sequence and positions restart at 0.
+
+    Each layer attends per sequence, sequences of one length batched together: no mask over the whole
+    packed row (O(T²) for many short prompts), and a sequence's result does not depend on its place.
+    """
 
     def __init__(self, cache: KVCache, rows: list[int], lengths: list[int]):
         if any(cache.host_lengths[r] for r in rows):
@@ -302,6 +306,11 @@ class PackedRows:
         self.cache, self.rows, self.lengths = cache, rows, lengths
         self.starts = np.cumsum([0, *lengths[:-1]]).tolist()
         self.batch_size = 1
+        by_length: dict[int, list[int]] = {}
+        for i, n in enumerate(lengths):
+            by_length.setdefault(n, []).append(i)
+        self.groups = list(by_length.items())  # (length, sequences of that length)
+        self._index: dict[int, torch.Tensor] = {}  # length -> the packed positions of its tokens
 
     def check(self, B: int, T: int) -> None:
         if B != 1 or T != sum(self.lengths):
@@ -309,19 +318,36 @@ class PackedRows:
         if max(self.lengths) > self.cache.max_len:
             raise ValueError(f"cache overflow: {max(self.lengths)} tokens > max_len {self.cache.max_len}")
 
-    def positions_and_mask(self, T: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        positions = torch.cat([torch.arange(n, device=device) for n in self.lengths])[None]
-        doc = torch.cat([torch.full((n,), i, device=device) for i, n in enumerate(self.lengths)])
-        return positions, sdpa_document_mask(doc[None])
+    def positions_and_mask(self, T: int, device: torch.device) -> tuple[torch.Tensor, None]:
+        return torch.cat([torch.arange(n, device=device) for n in self.lengths])[None], None
 
-    def update(self, layer: int, k_BKTE: torch.Tensor, v_BKTE: torch.Tensor):
+    def attend(self, layer: int, q_BHTE: torch.Tensor, k_BKTE: torch.Tensor, v_BKTE: torch.Tensor
+               ) -> torch.Tensor:
+        """Write each sequence's keys and values to its cache row; causal attention ``[1, H, T, E]``
+        within each sequence."""
         for row, s, n in zip(self.rows, self.starts, self.lengths):
             self.cache.k[layer, row, :, :n] = k_BKTE[0, :, s : s + n]
             self.cache.v[layer, row, :, :n] = v_BKTE[0, :, s : s + n]
-        # On CPU the prompt attends in fp32, whatever the cache holds: a bf16 flash kernel rounds by its
-        # block partition, which moves with a sequence's place in the packed row.
+        # On CPU the prompt attends in fp32, whatever the cache holds (as the decode kernel computes).
         dtype = torch.float32 if k_BKTE.device.type == "cpu" else self.cache.k.dtype
-        return k_BKTE.to(dtype), v_BKTE.to(dtype)
+        q, k, v = (t[0].to(dtype) for t in (q_BHTE, k_BKTE, v_BKTE))  # [H|K, T, E]
+        gqa = k.shape[0] != q.shape[0]
+        if len(self.groups) == 1:  # one length: a strided view is the batch, no copies
+            n, seqs = self.groups[0]
+            q, k, v = (t.unflatten(1, (len(seqs), n)).transpose(0, 1) for t in (q, k, v))  # [N, H, n, E]
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            return out.transpose(0, 1).flatten(1, 2)[None]
+        out = q.new_empty(q.shape)
+        for n, seqs in self.groups:
+            if n not in self._index:
+                self._index[n] = torch.tensor([self.starts[i] + t for i in seqs for t in range(n)],
+                                              device=q.device)
+            at = self._index[n]
+            qg, kg, vg = (t.index_select(1, at).unflatten(1, (len(seqs), n)).transpose(0, 1)
+                          for t in (q, k, v))  # [N, H, n, E]
+            og = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, enable_gqa=gqa)
+            out.index_copy_(1, at, og.transpose(0, 1).flatten(1, 2))
+        return out[None]
 
     def advance(self, T: int) -> None:
         for row, n in zip(self.rows, self.lengths):
@@ -345,7 +371,7 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: torch.Tensor | BlockMask | None,
-        cache: KVCache | DecodeStep | None,
+        cache: KVCache | DecodeStep | PackedRows | None,
         layer: int,
     ) -> torch.Tensor:
         B, T, _ = x_BTD.shape
@@ -354,7 +380,7 @@ class Attention(nn.Module):
         v = self.wv(x_BTD).view(B, T, self.n_kv_heads, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H|K, T, E]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if isinstance(cache, DecodeStep):
+        if isinstance(cache, (DecodeStep, PackedRows)):
             return self.wo(cache.attend(layer, q, k, v).transpose(1, 2).reshape(B, T, -1).to(x_BTD.dtype))
         if cache is not None:
             k, v = cache.update(layer, k, v)  # [B, K, S, E]
@@ -442,7 +468,7 @@ class Chameleon(nn.Module):
     def hidden_states(
         self,
         input_ids: torch.Tensor,
-        cache: KVCache | DecodeStep | None = None,
+        cache: KVCache | DecodeStep | PackedRows | None = None,
         *,
         positions: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
@@ -451,8 +477,9 @@ class Chameleon(nn.Module):
 
         Args:
             input_ids: ``[B, T]`` token ids.
-            cache: KV cache for incremental decoding, extended in place by these tokens; or a
-                :class:`DecodeStep` (one token per row, the cache left unchanged).
+            cache: KV cache for incremental decoding, extended in place by these tokens; a
+                :class:`DecodeStep` (one token per row, the cache left unchanged); or
+                :class:`PackedRows` (new sequences packed in one row, each into its own cache row).
             positions: ``[B, T]`` integer RoPE positions; default: 0, 1, … after each row's cached tokens.
             doc_ids: ``[B, T]`` integer document of each token of packed rows: a token attends only to
                 earlier tokens with the same id (pad slots: -1, attending among themselves). Default:
