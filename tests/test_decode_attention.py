@@ -75,3 +75,33 @@ def test_bad_inputs_are_refused():
         torch.ops.chameleon_lm.decode_attention(q, k.half(), v.half(), k_new, v_new, lengths)
     with pytest.raises(RuntimeError, match="one length per row"):
         torch.ops.chameleon_lm.decode_attention(q, k, v, k_new, v_new, lengths[:1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_append_writes_each_rows_next_slot(dtype):
+    if not da.cpu_kernel():
+        pytest.skip("no CPU kernel here")
+    g = torch.Generator().manual_seed(2)
+    k, v = (torch.randn(3, 5, 2, 6, 16, generator=g).to(dtype) for _ in range(2))  # [L, B', K, S, E]
+    k_new, v_new = (torch.randn(3, 4, 2, 16, generator=g) for _ in range(2))  # fp32 into any cache
+    at = torch.tensor([0, 5, 2, 3])
+    want_k, want_v = k.clone(), v.clone()
+    rows = torch.arange(4)
+    want_k[:, rows, :, at] = k_new.transpose(0, 1).to(dtype)
+    want_v[:, rows, :, at] = v_new.transpose(0, 1).to(dtype)
+    torch.ops.chameleon_lm.kv_append(k, v, k_new, v_new, at)
+    assert torch.equal(k, want_k) and torch.equal(v, want_v)
+    with pytest.raises(RuntimeError, match="row 1 is full"):
+        torch.ops.chameleon_lm.kv_append(k, v, k_new, v_new, torch.tensor([0, 6, 0, 0]))
+    assert torch.equal(k, want_k)  # refused before anything was written
+
+
+def test_packed_linear_op_equals_linear():
+    if not da.cpu_kernel():
+        pytest.skip("no CPU kernel here")
+    from chameleon_lm.generation.packed import _pack
+
+    g = torch.Generator().manual_seed(3)
+    w, x = torch.randn(48, 32, generator=g), torch.randn(5, 32, generator=g)
+    got = torch.ops.chameleon_lm.packed_linear(x, _pack(w), 48)
+    torch.testing.assert_close(got, x @ w.T, atol=1e-4, rtol=1e-4)

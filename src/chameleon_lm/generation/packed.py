@@ -13,8 +13,10 @@ also faster for prefill. PyTorch ships both the reorder and the primitive (they 
   threads may run the model. The packed copy is used only under ``torch.no_grad``/``inference_mode``
   for CPU inputs of the weight's dtype and while the weight is unchanged (its version counter; a write through
   ``weight.data`` bypasses the counter and is not seen): anything else goes through ``F.linear``.
-- In a compiled graph (the engine's compiled decode step) the packed copy is one opaque op, and the
-  version check is the caller's (:meth:`PackedLinear.stale` before each call).
+- In a compiled graph (the engine's compiled decode step) the packed copy is one opaque op
+  (``chameleon_lm::packed_linear``, a C++ operator built with the decoding kernels, see
+  ``model/decode_attention.py``; without them the graph takes ``F.linear``), and the version check
+  is the caller's (:meth:`PackedLinear.stale` before each call).
 - :class:`PackedMatrix` is a packed ``x @ w.T`` for a matrix of its own (the engine's text and image
   rows of the output head).
 
@@ -30,6 +32,8 @@ import threading
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from chameleon_lm.model.decode_attention import loaded as cpu_kernels_loaded
 
 BATCH_HINT = 8
 """Rows the reorder is tuned for; measured as good as hint 1 at one row and better at 3–512 rows."""
@@ -68,28 +72,18 @@ def _primitive(x_ND: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x_ND, packed, None, "none", [], "")
 
 
-@torch.library.custom_op("chameleon_lm::packed_linear", mutates_args=())
-def _packed_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
-    """The oneDNN primitive as one opaque op for compiled graphs (inductor lowers the aten op only for
-    weights frozen into the graph as constants)."""
-    return _primitive(x, packed)
-
-
-@_packed_linear.register_fake
-def _(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
-    return x.new_empty(x.shape[0], out_features)
-
-
 def _packed_matmul(
     x: torch.Tensor, packed: torch.Tensor, weight: torch.Tensor, version: int | None
 ) -> torch.Tensor:
     """``x @ weight.T`` with the packed copy where that is valid, else plain ``F.linear``."""
     compiling = torch.compiler.is_compiling()
     if (torch.is_grad_enabled() or x.dtype != weight.dtype or x.device.type != "cpu"
-            or (not compiling and _version(weight) != version)):  # a graph can't read it: its caller checks
+            or (not compiling and _version(weight) != version)  # a graph can't read it: its caller checks
+            or (compiling and not cpu_kernels_loaded())):  # inductor lowers the primitive for constants only
         return F.linear(x, weight)
     x_ND = x.reshape(-1, x.shape[-1])
-    y = _packed_linear(x_ND, packed, weight.shape[0]) if compiling else _primitive(x_ND, packed)
+    y = (torch.ops.chameleon_lm.packed_linear(x_ND, packed, weight.shape[0]) if compiling
+         else _primitive(x_ND, packed))
     return y.view(*x.shape[:-1], weight.shape[0])
 
 

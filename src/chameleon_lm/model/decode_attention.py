@@ -1,9 +1,12 @@
 """Attention of one decoding step over a KV cache with a length per row (:class:`DecodeStep`'s).
 
 Each row's query attends over the row's first ``lengths[b]`` cached keys and its own new key, in one
-softmax. On CPU this runs a small C++ kernel (``decode_attention.cpp``), built with
+softmax. On CPU this runs a small C++ kernel (``cpu_kernels.cpp``), built with
 ``torch.utils.cpp_extension`` on first use (a C++ compiler is needed, as for ``torch.compile``; the
 build is cached) and registered as ``chameleon_lm::decode_attention``, so compiled steps call it too.
+The same extension holds the step's two other CPU operators: ``chameleon_lm::kv_append``
+(:meth:`KVCache.append`'s write) and ``chameleon_lm::packed_linear`` (``generation/packed.py``'s
+oneDNN linear, callable from a compiled graph without a trip through Python).
 It reads only each row's own keys, once per KV head, from fp32 or bf16 caches; the fused SDPA
 kernels, made for long queries, stream decode-time caches at a fraction of the memory bandwidth
 (bench/RESULTS.md). Without a compiler, off CPU, or with ``CHAMELEON_CPU_KERNELS=0``,
@@ -33,13 +36,18 @@ _loaded: bool | None = None  # None: not tried yet
 
 
 def cpu_kernel() -> bool:
-    """Whether the CPU kernel is loaded, building it on the first call (False where it cannot be
-    built, or with ``CHAMELEON_CPU_KERNELS=0``). Call it outside compiled code."""
+    """Whether the CPU kernels are loaded, building them on the first call (False where they cannot
+    be built, or with ``CHAMELEON_CPU_KERNELS=0``). Call it outside compiled code."""
     global _loaded
     with _lock:
         if _loaded is None:
             _loaded = _build()
         return _loaded
+
+
+def loaded() -> bool:
+    """Whether the CPU kernels are loaded already (never builds; safe inside compiled code)."""
+    return _loaded is True
 
 
 def _build() -> bool:
@@ -49,7 +57,7 @@ def _build() -> bool:
 
     isa = torch.backends.cpu.get_cpu_capability()
     flags = [*_ISA_FLAGS[isa], f"-DCPU_CAPABILITY_{isa}", f"-DCPU_CAPABILITY={isa}"] if isa in _ISA_FLAGS else []
-    name = f"chameleon_decode_attention_{isa.lower() if isa in _ISA_FLAGS else 'default'}"
+    name = f"chameleon_cpu_kernels_{isa.lower() if isa in _ISA_FLAGS else 'default'}"
     try:
         import ninja  # the pip package's binary, for a venv that is not activated
 
@@ -57,19 +65,23 @@ def _build() -> bool:
     except (ImportError, AttributeError):
         pass
     try:
-        log.info("loading the CPU decode-attention kernel (built once, then cached)")
-        cpp_extension.load(name, [str(Path(__file__).with_suffix(".cpp"))], is_python_module=False,
+        log.info("loading the CPU decoding kernels (built once, then cached)")
+        cpp_extension.load(name, [str(Path(__file__).with_name("cpu_kernels.cpp"))], is_python_module=False,
                            extra_cflags=["-O3", "-fopenmp", *flags], extra_ldflags=["-fopenmp"])
     except Exception as e:  # noqa: BLE001 - no compiler, no ninja, ...: the reference path works everywhere
         lines = str(e).splitlines()
         why = next((line for line in lines if "error" in line), lines[-1] if lines else "")
-        log.warning("CPU decode-attention kernel unavailable (%s: %s); using the reference attention",
+        log.warning("CPU decoding kernels unavailable (%s: %s); using the reference attention",
                     type(e).__name__, why.strip())
         return False
 
     @torch.library.register_fake("chameleon_lm::decode_attention")
     def _(q, k, v, k_new, v_new, lengths):
         return q.new_empty(q.shape, dtype=torch.float32)
+
+    @torch.library.register_fake("chameleon_lm::packed_linear")
+    def _(x, packed, out_features):
+        return x.new_empty(x.shape[0], out_features)
 
     return True
 

@@ -27,6 +27,7 @@ from torch import nn
 
 from chameleon_lm.model.config import ChameleonConfig
 from chameleon_lm.model.decode_attention import cpu_kernel, decode_attention
+from chameleon_lm.model.decode_attention import loaded as cpu_kernels_loaded
 from chameleon_lm.model.head import OutputHead
 
 try:
@@ -240,11 +241,14 @@ class KVCache:
         """Write one new token's keys and values of every layer after each row's tokens (the keys a
         :class:`DecodeStep` collected), and count it."""
         B = k_LBKE.shape[1]
-        rows = torch.arange(B, device=self.k.device)
         at = torch.from_numpy(self.host_lengths[:B]).to(self.k.device)
-        # advanced indices on dims 1 and 3 put the row dimension first: [B, L, K, E]
-        self.k[:, rows, :, at] = k_LBKE.transpose(0, 1).to(self.k.dtype)
-        self.v[:, rows, :, at] = v_LBKE.transpose(0, 1).to(self.v.dtype)
+        if self.k.device.type == "cpu" and cpu_kernels_loaded():  # one copy loop, not two indexed writes
+            torch.ops.chameleon_lm.kv_append(self.k, self.v, k_LBKE, v_LBKE, at)
+        else:
+            rows = torch.arange(B, device=self.k.device)
+            # advanced indices on dims 1 and 3 put the row dimension first: [B, L, K, E]
+            self.k[:, rows, :, at] = k_LBKE.transpose(0, 1).to(self.k.dtype)
+            self.v[:, rows, :, at] = v_LBKE.transpose(0, 1).to(self.v.dtype)
         self.host_lengths[:B] += 1
 
 

@@ -7,12 +7,15 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
 #include <ATen/ops/empty.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstring>
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
 #endif
@@ -179,10 +182,68 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return out;
 }
 
+// k, v [L, B', K, S, E] cache buffers (B' >= B); k_new, v_new [L, B, K, E]; lengths [B]: writes the
+// new keys and values of row b at slot lengths[b] of every layer and head (the caller counts them).
+void kv_append(at::Tensor& k, at::Tensor& v, const at::Tensor& k_new, const at::Tensor& v_new,
+               const at::Tensor& lengths) {
+  TORCH_CHECK(k.dim() == 5 && v.sizes() == k.sizes() && k_new.dim() == 4 && v_new.sizes() == k_new.sizes(),
+              "kv_append: expected k/v [L,B,K,S,E] and k_new/v_new [L,B,K,E]");
+  const int64_t L = k.size(0), K = k.size(2), S = k.size(3), E = k.size(4), B = k_new.size(1);
+  TORCH_CHECK(k_new.size(0) == L && B <= k.size(1) && k_new.size(2) == K && k_new.size(3) == E,
+              "kv_append: shape mismatch");
+  TORCH_CHECK(k.stride(4) == 1 && v.stride(4) == 1 && k.scalar_type() == v.scalar_type(),
+              "kv_append: cache rows must be contiguous, k and v of one dtype");
+  TORCH_CHECK(lengths.numel() == B, "kv_append: one length per row");
+  auto kn = k_new.to(k.scalar_type()).contiguous(), vn = v_new.to(v.scalar_type()).contiguous();
+  auto len = lengths.to(at::kLong).contiguous();
+  const int64_t* at_ = len.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; b++) TORCH_CHECK(at_[b] >= 0 && at_[b] < S, "kv_append: row ", b, " is full");
+  const int64_t bytes = E * k.element_size();
+  char* kd = static_cast<char*>(k.data_ptr());
+  char* vd = static_cast<char*>(v.data_ptr());
+  const char* knd = static_cast<const char*>(kn.data_ptr());
+  const char* vnd = static_cast<const char*>(vn.data_ptr());
+  const int64_t es = k.element_size();
+  for (int64_t l = 0; l < L; l++)
+    for (int64_t b = 0; b < B; b++)
+      for (int64_t h = 0; h < K; h++) {
+        const int64_t src = ((l * B + b) * K + h) * bytes;
+        std::memcpy(kd + (l * k.stride(0) + b * k.stride(1) + h * k.stride(2) + at_[b] * k.stride(3)) * es,
+                    knd + src, bytes);
+        std::memcpy(vd + (l * v.stride(0) + b * v.stride(1) + h * v.stride(2) + at_[b] * v.stride(3)) * es,
+                    vnd + src, bytes);
+      }
+}
+
+// x [N, D] @ W.T for a weight reordered by mkldnn::_reorder_linear_weight: oneDNN's inner product
+// through the dispatcher, so that a compiled graph calls it without a trip through Python.
+at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features) {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+  torch::jit::Stack stack;
+  stack.reserve(6);
+  stack.emplace_back(x);
+  stack.emplace_back(packed);
+  stack.emplace_back(c10::IValue());
+  stack.emplace_back(std::string("none"));
+  stack.emplace_back(c10::List<std::optional<at::Scalar>>());
+  stack.emplace_back(c10::IValue());
+  op.callBoxed(&stack);
+  return stack[0].toTensor();
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(chameleon_lm, m) {
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor k_new, Tensor v_new, Tensor lengths) -> Tensor");
+  m.def("kv_append(Tensor(a!) k, Tensor(b!) v, Tensor k_new, Tensor v_new, Tensor lengths) -> ()");
+  m.def("packed_linear(Tensor x, Tensor packed, int out_features) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(chameleon_lm, CPU, m) { m.impl("decode_attention", &decode_attention); }
+TORCH_LIBRARY_IMPL(chameleon_lm, CPU, m) {
+  m.impl("decode_attention", &decode_attention);
+  m.impl("kv_append", &kv_append);
+  m.impl("packed_linear", &packed_linear);
+}
+
+// the weight reordered by mkldnn::_reorder_linear_weight may be an opaque MKL-DNN tensor
+TORCH_LIBRARY_IMPL(chameleon_lm, MkldnnCPU, m) { m.impl("packed_linear", &packed_linear); }
