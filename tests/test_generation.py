@@ -519,6 +519,7 @@ def test_cli_run_generate_writes_images_and_document(tmp_path, capsys):
 
 def test_packed_cpu_weights_match_eager_and_follow_weight_updates(codec):
     from chameleon_lm.generation.packed import (
+        PackedGroup,
         PackedLinear,
         PackedMatrix,
         pack_linears,
@@ -533,7 +534,10 @@ def test_packed_cpu_weights_match_eager_and_follow_weight_updates(codec):
     with torch.inference_mode():
         eager = m(ids)
     assert pack_linears(m) == 7 * m.config.n_layers  # every block projection, not the head
-    assert isinstance(m.layers[0].attention.wq, PackedLinear) and type(m.output).__name__ == "OutputHead"
+    attention, ffn = m.layers[0].attention, m.layers[0].feed_forward
+    assert isinstance(attention.wo, PackedLinear) and type(m.output).__name__ == "OutputHead"
+    assert isinstance(attention.wqkv, PackedGroup) and isinstance(ffn.w13, PackedGroup)  # one matmul each
+    assert type(attention.wq) is torch.nn.Linear and type(ffn.w1) is torch.nn.Linear
     assert m.state_dict().keys() == state.keys() and dict(m.named_parameters()) == params  # same objects
     with torch.inference_mode():
         torch.testing.assert_close(m(ids), eager, rtol=1e-5, atol=1e-5)
@@ -547,7 +551,7 @@ def test_packed_cpu_weights_match_eager_and_follow_weight_updates(codec):
         updated = m(ids)
     assert not torch.allclose(updated, eager)
     unpack_linears(m)
-    assert type(m.layers[0].attention.wq) is torch.nn.Linear
+    assert type(m.layers[0].attention.wo) is torch.nn.Linear and "wqkv" not in m.layers[0].attention._modules
     with torch.inference_mode():
         torch.testing.assert_close(m(ids), updated)
     pack_linears(m)

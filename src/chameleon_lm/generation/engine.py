@@ -40,7 +40,7 @@ import torch
 from PIL import Image
 
 from chameleon_lm.documents import Document, DocumentCodec
-from chameleon_lm.generation.packed import PackedLinear, PackedMatrix, _version, pack_linears
+from chameleon_lm.generation.packed import PackedMatrix, _version, pack_linears, packed_modules
 from chameleon_lm.generation.sampling import GenerationConfig, cfg_mix, sample, text_scores, warp
 from chameleon_lm.model import Chameleon
 from chameleon_lm.model.decode_attention import cpu_kernel
@@ -309,7 +309,7 @@ class Engine:
         self.device = model.output.weight.device
         if pack:
             pack_linears(model)
-        self._packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
+        self._packed = packed_modules(model)
         if self.device.type == "cpu":
             cpu_kernel()  # built (once) before a compiled step traces the attention that calls it
         # cpp_wrapper: the graph's ~120 kernel calls go from C++, not Python (a step is milliseconds)

@@ -8,9 +8,11 @@ also faster for prefill. PyTorch ships both the reorder and the primitive (they 
 ``torch.compile`` uses for frozen CPU linears); this module applies them to an eager model:
 
 - :func:`pack_linears` swaps, once, every bias-free ``nn.Linear`` of the model for a
-  :class:`PackedLinear` holding the same weight parameter and a packed copy (a non-persistent buffer):
-  names, parameters and checkpoints are unchanged, and since nothing is patched per call, any number of
-  threads may run the model. The packed copy is used only under ``torch.no_grad``/``inference_mode``
+  :class:`PackedLinear` holding the same weight parameter and a packed copy (a non-persistent buffer);
+  the layers a module lists as ``fusable`` (attention's q/k/v, the feed-forward's gate/up) get one
+  packed copy of their stacked weights instead (:class:`PackedGroup`, a matmul wide enough to keep
+  the cores busy at a few rows): names, parameters and checkpoints are unchanged, and since nothing is
+  patched per call, any number of threads may run the model. The packed copy is used only under ``torch.no_grad``/``inference_mode``
   for CPU inputs of the weight's dtype and while the weight is unchanged (its version counter; a write through
   ``weight.data`` bypasses the counter and is not seen): anything else goes through ``F.linear``.
 - In a compiled graph (the engine's compiled decode step) the packed copy is one opaque op
@@ -72,19 +74,21 @@ def _primitive(x_ND: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x_ND, packed, None, "none", [], "")
 
 
-def _packed_matmul(
-    x: torch.Tensor, packed: torch.Tensor, weight: torch.Tensor, version: int | None
-) -> torch.Tensor:
-    """``x @ weight.T`` with the packed copy where that is valid, else plain ``F.linear``."""
+def _packed_matmul(x: torch.Tensor, packed: torch.Tensor, weights: list[torch.Tensor],
+                   versions: list[int | None], out_features: int) -> torch.Tensor | None:
+    """``x @ W.T`` on the packed copy of the (row-stacked) ``weights``, or None where the copy is not
+    valid (the caller then runs the plain layers)."""
     compiling = torch.compiler.is_compiling()
-    if (torch.is_grad_enabled() or x.dtype != weight.dtype or x.device.type != "cpu"
-            or (not compiling and _version(weight) != version)  # a graph can't read it: its caller checks
-            or (compiling and not cpu_kernels_loaded())):  # inductor lowers the primitive for constants only
-        return F.linear(x, weight)
+    if (torch.is_grad_enabled() or x.dtype != weights[0].dtype or x.device.type != "cpu"
+            # a graph can't read the versions (its caller checks them), and inductor lowers the
+            # primitive only for weights frozen into the graph: in a graph it takes the C++ operator
+            or (compiling and not cpu_kernels_loaded())
+            or (not compiling and any(_version(w) != v for w, v in zip(weights, versions)))):
+        return None
     x_ND = x.reshape(-1, x.shape[-1])
-    y = (torch.ops.chameleon_lm.packed_linear(x_ND, packed, weight.shape[0]) if compiling
+    y = (torch.ops.chameleon_lm.packed_linear(x_ND, packed, out_features) if compiling
          else _primitive(x_ND, packed))
-    return y.view(*x.shape[:-1], weight.shape[0])
+    return y.view(*x.shape[:-1], out_features)
 
 
 class PackedLinear(nn.Linear):
@@ -106,7 +110,35 @@ class PackedLinear(nn.Linear):
         self.packed, self.version = _pack(self.weight), _version(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _packed_matmul(x, self.packed, self.weight, self.version)
+        y = _packed_matmul(x, self.packed, [self.weight], [self.version], self.out_features)
+        return F.linear(x, self.weight) if y is None else y
+
+
+class PackedGroup(nn.Module):
+    """Bias-free linear layers of one input (a module's ``fusable`` group: attention's q, k and v
+    projections, the feed-forward's gate and up projections) as one packed matmul, split after: one
+    primitive call over the stacked weights instead of several narrow ones. The layers stay where
+    they are (plain ``nn.Linear``, with their parameters); this module holds only the packed copy."""
+
+    def __init__(self, linears: list[nn.Linear]):
+        super().__init__()
+        self.layers = tuple(linears)  # not submodules: they belong to the parent
+        self.sizes = [layer.out_features for layer in linears]
+        self.repack()
+
+    @property
+    def stale(self) -> bool:
+        return [_version(layer.weight) for layer in self.layers] != self.versions
+
+    def repack(self) -> None:
+        weights = [layer.weight.detach() for layer in self.layers]
+        self.register_buffer("packed", _pack(torch.cat(weights)), persistent=False)
+        self.versions = [_version(w) for w in weights]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        y = _packed_matmul(x, self.packed, [layer.weight for layer in self.layers], self.versions,
+                           sum(self.sizes))
+        return tuple(layer(x) for layer in self.layers) if y is None else y.split(self.sizes, -1)
 
 
 def _plain_linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
@@ -115,25 +147,59 @@ def _plain_linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
             if type(child) in (nn.Linear, PackedLinear) and child.bias is None]
 
 
+def _groups(model: nn.Module) -> list[tuple[nn.Module, str, list[nn.Linear]]]:
+    """(parent, name, layers) of each ``fusable`` group whose layers are plain, supported, bias-free
+    linears of one input, dtype and device."""
+    out = []
+    for parent in model.modules():
+        for name, members in getattr(parent, "fusable", ()):
+            layers = [getattr(parent, m, None) for m in members]
+            if (all(type(x) is nn.Linear and x.bias is None and supported(x.weight) for x in layers)
+                    and len({(x.in_features, x.weight.dtype, x.weight.device) for x in layers}) == 1):
+                out.append((parent, name, layers))
+    return out
+
+
 def pack_linears(model: nn.Module) -> int:
-    """Swap the model's bias-free ``nn.Linear`` layers for :class:`PackedLinear` (stale ones repacked).
+    """Pack the model's bias-free ``nn.Linear`` layers (stale packed copies are refreshed): each
+    ``fusable`` group as one :class:`PackedGroup`, the others swapped for :class:`PackedLinear`.
 
     Only CPU weights in fp32 (or bf16, see :func:`supported`) are packed, and only when the copies fit
-    in half the free memory. Returns the
-    number of packed layers in the model afterwards.
+    in half the free memory. Returns the number of linear layers running on packed copies afterwards.
     """
     with _LOCK:
-        layers = [x for x in _plain_linears(model) if supported(x[2].weight)]
+        groups = _groups(model)
+        grouped = {id(x) for _, _, layers in groups for x in layers}
+        layers = [x for x in _plain_linears(model) if supported(x[2].weight) and id(x[2]) not in grouped]
+        new_groups = [g for g in groups if not isinstance(g[0]._modules.get(g[1]), PackedGroup)]
         todo = [x for x in layers if type(x[2]) is nn.Linear or x[2].stale]
-        nbytes = sum(x[2].weight.nbytes for x in todo if type(x[2]) is nn.Linear)
-        if todo and not fits(nbytes):
-            return sum(type(x[2]) is PackedLinear for x in layers)
+        nbytes = (sum(x[2].weight.nbytes for x in todo if type(x[2]) is nn.Linear)
+                  + sum(w.weight.nbytes for _, _, g in new_groups for w in g))
+        if (todo or new_groups) and not fits(nbytes):
+            return _count(model)
         for parent, name, layer in todo:
             if isinstance(layer, PackedLinear):
                 layer.repack()
             else:
                 setattr(parent, name, PackedLinear(layer))
-        return len(layers)
+        for parent, name, members in groups:
+            group = parent._modules.get(name)
+            if isinstance(group, PackedGroup) and list(group.layers) == members:
+                if group.stale:
+                    group.repack()
+            else:
+                parent.add_module(name, PackedGroup(members))
+        return _count(model)
+
+
+def _count(model: nn.Module) -> int:
+    return sum(isinstance(m, PackedLinear) or len(getattr(m, "layers", ())) * isinstance(m, PackedGroup)
+               for m in model.modules())
+
+
+def packed_modules(model: nn.Module) -> list[PackedLinear | PackedGroup]:
+    """The model's packed layers and groups (their ``stale`` says when a weight changed)."""
+    return [m for m in model.modules() if isinstance(m, (PackedLinear, PackedGroup))]
 
 
 def unpack_linears(model: nn.Module) -> None:
@@ -144,6 +210,10 @@ def unpack_linears(model: nn.Module) -> None:
                 plain = nn.Linear(layer.in_features, layer.out_features, bias=False, device="meta")
                 plain.weight = layer.weight
                 setattr(parent, name, plain)
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, PackedGroup):
+                    delattr(parent, name)
 
 
 class PackedMatrix:
@@ -154,6 +224,6 @@ class PackedMatrix:
         self.packed = _pack(self.w) if pack and supported(self.w) and fits(self.w.nbytes) else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is None:
-            return F.linear(x, self.w)
-        return _packed_matmul(x, self.packed, self.w, _version(self.w))
+        y = None if self.packed is None else _packed_matmul(x, self.packed, [self.w], [_version(self.w)],
+                                                            self.w.shape[0])
+        return F.linear(x, self.w) if y is None else y

@@ -359,6 +359,8 @@ class PackedRows:
 
 
 class Attention(nn.Module):
+    fusable = (("wqkv", ("wq", "wk", "wv")),)  # projections of one input that may run as one matmul
+
     def __init__(self, config: ChameleonConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.head_dim
@@ -379,9 +381,13 @@ class Attention(nn.Module):
         layer: int,
     ) -> torch.Tensor:
         B, T, _ = x_BTD.shape
-        q = self.q_normalization(self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim))
-        k = self.k_normalization(self.wk(x_BTD).view(B, T, self.n_kv_heads, self.head_dim))
-        v = self.wv(x_BTD).view(B, T, self.n_kv_heads, self.head_dim)
+        if "wqkv" in self._modules:  # the three as one matmul (generation/packed.py, for inference)
+            q, k, v = self.wqkv(x_BTD)
+        else:
+            q, k, v = self.wq(x_BTD), self.wk(x_BTD), self.wv(x_BTD)
+        q = self.q_normalization(q.view(B, T, self.n_heads, self.head_dim))
+        k = self.k_normalization(k.view(B, T, self.n_kv_heads, self.head_dim))
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H|K, T, E]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if isinstance(cache, (DecodeStep, PackedRows)):
@@ -403,6 +409,8 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     """SwiGLU: ``w2(silu(w1 x) · w3 x)``."""
 
+    fusable = (("w13", ("w1", "w3")),)
+
     def __init__(self, config: ChameleonConfig):
         super().__init__()
         self.w1 = nn.Linear(config.dim, config.ffn_dim, bias=False)
@@ -410,7 +418,8 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(config.ffn_dim, config.dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w13(x) if "w13" in self._modules else (self.w1(x), self.w3(x))
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):
