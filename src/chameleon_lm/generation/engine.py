@@ -349,6 +349,9 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.counters = collections.Counter()
+        self.on_sampled: Callable[[], None] | None = None
+        """Called in each step once the tokens are chosen (their events emitted), before the model
+        call: a sink that buffers events can ship them a model call earlier."""
 
     # ------------------------------------------------------------------------------------ requests
 
@@ -423,6 +426,8 @@ class Engine:
                 self.cache = self.model.new_cache(self.max_rows, min(256, self.max_seq_len))
             return False
         feed = self._sample()
+        if self.on_sampled is not None:
+            self.on_sampled()
         if feed:
             self._feed(feed)
         # a sampled <racm3:break>, now in the full row's cache, opens an image block

@@ -56,6 +56,16 @@ def _child(conn, model: Chameleon, codec: DocumentCodec, engine_kwargs: dict[str
     freeze_heap()
     outbox: list[tuple[int, tuple]] = []
     jobs = {}
+
+    def ship(always: bool = False) -> None:
+        if outbox or always:
+            for key, event in outbox:
+                if event[0] == "done":
+                    jobs.pop(key, None)
+            conn.send(("events", outbox, engine.stats()))  # pickled here: the list can be reused
+            outbox.clear()
+
+    engine.on_sampled = ship  # a step's tokens go out before its model call, not after it
     conn.send(("ready", engine.stats()))
     while True:
         while conn.poll(0 if engine.busy else None):
@@ -77,11 +87,7 @@ def _child(conn, model: Chameleon, codec: DocumentCodec, engine_kwargs: dict[str
         except Exception as e:  # noqa: BLE001 - as Engine._loop: fail the running jobs, keep serving
             traceback.print_exc()
             engine._fail_all(f"{type(e).__name__}: {e}")
-        for key, event in outbox:
-            if event[0] == "done":
-                jobs.pop(key, None)
-        conn.send(("events", outbox, engine.stats()))
-        outbox = []
+        ship(always=True)  # the stats, at least
 
 
 class RemoteJob:
