@@ -40,8 +40,11 @@ def test_the_kernel_builds_on_this_machine():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("K,G,E", [(4, 1, 64), (2, 4, 16), (1, 2, 128), (3, 1, 32)])
-def test_kernel_and_reference_equal_plain_math(dtype, K, G, E):
+@pytest.mark.parametrize("queries", ["fp32", "cache dtype"])  # a bf16 model's queries are bf16
+def test_kernel_and_reference_equal_plain_math(dtype, K, G, E, queries):
     q, k, v, k_new, v_new, lengths = _case(5, K, G, E, S_max=40, longest=37, dtype=dtype)
+    if queries == "cache dtype":
+        q, k_new, v_new = q.to(dtype), k_new.to(dtype), v_new.to(dtype)
     want = _math(q, k, v, k_new, v_new, lengths)
     if da.cpu_kernel():
         got = torch.ops.chameleon_lm.decode_attention(q, k, v, k_new, v_new, lengths)

@@ -68,8 +68,9 @@ inline void prefetch(const T* p, int64_t count) {
 }
 
 // NV vectors per head (head_dim = NV * Vec::size()).
-template <typename T, int NV>
-void attend(const float* q, const T* k, const T* v, const float* k_new, const float* v_new,
+// T: the cache's element type; U: the queries' and new keys' (the model's dtype, or float).
+template <typename T, typename U, int NV>
+void attend(const U* q, const T* k, const T* v, const U* k_new, const U* v_new,
             const int64_t* lengths, float* out, int64_t B, int64_t K, int64_t G, int64_t S,
             const int64_t* ks, const int64_t* vs) {
   constexpr int64_t W = Vec::size(), E = NV * W;
@@ -82,11 +83,11 @@ void attend(const float* q, const T* k, const T* v, const float* k_new, const fl
       const int64_t n = std::min<int64_t>(std::max<int64_t>(lengths[b], 0), S);
       const T* kb = k + b * ks[0] + h * ks[1];
       const T* vb = v + b * vs[0] + h * vs[1];
-      const float* kn = k_new + bk * E;
-      const float* vn = v_new + bk * E;
+      const U* kn = k_new + bk * E;
+      const U* vn = v_new + bk * E;
       for (int64_t g = 0; g < G; g++) {
         Vec qv[NV];
-        for (int j = 0; j < NV; j++) qv[j] = Vec::loadu(q + (bk * G + g) * E + j * W) * Vec(scale);
+        for (int j = 0; j < NV; j++) qv[j] = load_float(q + (bk * G + g) * E + j * W) * Vec(scale);
         int64_t s = 0;
         for (; s + 4 <= n; s += 4) {  // four keys at a time: independent accumulators
           const T* k0 = kb + s * ks[2];
@@ -112,7 +113,7 @@ void attend(const float* q, const T* k, const T* v, const float* k_new, const fl
           sc[s] = hsum(a);
         }
         Vec a(0);
-        for (int j = 0; j < NV; j++) a = at::vec::fmadd(qv[j], Vec::loadu(kn + j * W), a);
+        for (int j = 0; j < NV; j++) a = at::vec::fmadd(qv[j], load_float(kn + j * W), a);
         sc[n] = hsum(a);  // the new key, last
         const int64_t count = n + 1;
         const float top = at::vec::reduce_all<float>(
@@ -120,7 +121,7 @@ void attend(const float* q, const T* k, const T* v, const float* k_new, const fl
         at::vec::map([top](Vec x) { return (x - Vec(top)).exp(); }, sc, sc, count);
         const float sum = at::vec::reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, sc, count);
         Vec acc[NV];
-        for (int j = 0; j < NV; j++) acc[j] = Vec::loadu(vn + j * W) * Vec(sc[n]);
+        for (int j = 0; j < NV; j++) acc[j] = load_float(vn + j * W) * Vec(sc[n]);
         for (s = 0; s < n; s++) {
           const Vec p(sc[s]);
           const T* v0 = vb + s * vs[2];
@@ -133,16 +134,16 @@ void attend(const float* q, const T* k, const T* v, const float* k_new, const fl
   });
 }
 
-template <typename T>
+template <typename T, typename U>
 void dispatch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_new,
               const at::Tensor& v_new, const at::Tensor& lengths, at::Tensor& out) {
   const int64_t B = q.size(0), K = q.size(1), G = q.size(2), E = q.size(3), S = k.size(2);
   const int64_t ks[3] = {k.stride(0), k.stride(1), k.stride(2)};
   const int64_t vs[3] = {v.stride(0), v.stride(1), v.stride(2)};
 #define ATTEND(NV)                                                                                     \
-  attend<T, NV>(q.data_ptr<float>(), k.data_ptr<T>(), v.data_ptr<T>(), k_new.data_ptr<float>(),        \
-                v_new.data_ptr<float>(), lengths.data_ptr<int64_t>(), out.data_ptr<float>(), B, K, G, S, \
-                ks, vs)
+  attend<T, U, NV>(q.data_ptr<U>(), k.data_ptr<T>(), v.data_ptr<T>(), k_new.data_ptr<U>(),             \
+                   v_new.data_ptr<U>(), lengths.data_ptr<int64_t>(), out.data_ptr<float>(), B, K, G, S,  \
+                   ks, vs)
   switch (E / Vec::size()) {
     case 1: ATTEND(1); break;
     case 2: ATTEND(2); break;
@@ -170,14 +171,19 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
               "decode_attention: the cache must be float32 or bfloat16");
   TORCH_CHECK(E % Vec::size() == 0, "decode_attention: head_dim must be a multiple of ", Vec::size());
   TORCH_CHECK(lengths.numel() == B, "decode_attention: one length per row");
-  auto q32 = q.to(at::kFloat).contiguous();
-  auto kn = k_new.to(at::kFloat).contiguous(), vn = v_new.to(at::kFloat).contiguous();
+  // queries and new keys are read in the cache's dtype when they have it (a bf16 model's), else as fp32
+  const bool native = q.scalar_type() == k.scalar_type() && k_new.scalar_type() == k.scalar_type() &&
+                      v_new.scalar_type() == k.scalar_type();
+  const auto dt = native ? k.scalar_type() : at::kFloat;
+  auto q_ = q.to(dt).contiguous(), kn = k_new.to(dt).contiguous(), vn = v_new.to(dt).contiguous();
   auto len = lengths.to(at::kLong).contiguous();
   auto out = at::empty(q.sizes(), q.options().dtype(at::kFloat));
   if (k.scalar_type() == at::kFloat) {
-    dispatch<float>(q32, k, v, kn, vn, len, out);
+    dispatch<float, float>(q_, k, v, kn, vn, len, out);
+  } else if (native) {
+    dispatch<at::BFloat16, at::BFloat16>(q_, k, v, kn, vn, len, out);
   } else {
-    dispatch<at::BFloat16>(q32, k, v, kn, vn, len, out);
+    dispatch<at::BFloat16, float>(q_, k, v, kn, vn, len, out);
   }
   return out;
 }
