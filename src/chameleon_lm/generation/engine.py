@@ -238,6 +238,8 @@ class Job:
         self.id = next(Job._ids)
         self.engine, self.config, self.mode, self.sink = engine, config, mode, sink
         self.rows_needed = 1 if mode == "text" else 3
+        self.sampling_keys = {which: tuple(sorted(vars(getattr(config, which)).items()))
+                              for which in ("text", "image")}  # for batching rows of equal settings
         self.generator = torch.Generator(device=engine.device)
         if config.seed is None:
             self.generator.seed()
@@ -568,10 +570,11 @@ class Engine:
         if text_jobs:
             slots = torch.tensor([j.rows[0].slot for j in text_jobs], device=self.device)
             logits = self.text_head(self.h[slots]).float()  # [B, Vt]
-            for group, idx in _groups(text_jobs, lambda j: j.config.text):
+            for group, idx in _groups(text_jobs, "text"):
                 cfg = group.config.text
                 scores = logits[idx] if len(idx) < len(text_jobs) else logits
-                scores = text_scores(scores, [list(text_jobs[i].seen) for i in idx],
+                seen = [list(text_jobs[i].seen) for i in idx] if cfg.repetition_penalty != 1.0 else []
+                scores = text_scores(scores, seen,
                                      [self._forbidden(text_jobs[i]) for i in idx], cfg, inplace=True)
                 toks = self.text_ids[sample(scores, [text_jobs[i].generator for i in idx], cfg.greedy)]
                 for i, tok in zip(idx, toks.tolist()):
@@ -580,7 +583,7 @@ class Engine:
             slots = torch.tensor([r.slot for role in range(3) for r in (j.rows[role] for j in image_jobs)],
                                  device=self.device)
             full, image, uncond = self.image_head(self.h[slots]).float().split(len(image_jobs))
-            for group, idx in _groups(image_jobs, lambda j: j.config.image):
+            for group, idx in _groups(image_jobs, "image"):
                 cfg = group.config.image
                 mix = cfg_mix(full[idx], image[idx], uncond[idx], cfg.cfg_text, cfg.cfg_image)  # [b, K]
                 scores = mix if cfg.greedy else warp(mix, cfg.temperature, cfg.top_k, cfg.top_p)
@@ -717,9 +720,10 @@ def decode_step(model: Chameleon, x_B1: torch.Tensor, k: torch.Tensor, v: torch.
     return (h, *step.new_keys())
 
 
-def _groups(jobs: list[Job], key: Callable[[Job], object]) -> list[tuple[Job, list[int]]]:
-    """Indices of the jobs with equal sampling settings (one batched chain each), first job of each."""
+def _groups(jobs: list[Job], which: str) -> list[tuple[Job, list[int]]]:
+    """Indices of the jobs with equal ``text`` or ``image`` sampling settings (one batched chain
+    each), first job of each."""
     groups: dict[tuple, list[int]] = {}
     for i, job in enumerate(jobs):
-        groups.setdefault(tuple(sorted(vars(key(job)).items())), []).append(i)
+        groups.setdefault(job.sampling_keys[which], []).append(i)
     return [(jobs[idx[0]], idx) for idx in groups.values()]
