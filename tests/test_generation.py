@@ -597,3 +597,27 @@ def test_argmax_is_torchs_argmax_exactly():
                    tail[:, :1899], x[:, :1025]):
         assert torch.equal(S.argmax(scores), scores.argmax(-1))
     assert S.sample(x[[0, 1, 2]], None, greedy=True).tolist() == x[[0, 1, 2]].argmax(-1).tolist()
+
+
+def test_packed_groups_step_aside_for_adapters_put_in_later(codec):
+    from chameleon_lm.generation.packed import PackedGroup, pack_linears
+    from chameleon_lm.training.adapters import apply_lora
+
+    torch.manual_seed(4)
+    m = Chameleon(ChameleonConfig.preset("tiny", vocab_size=len(codec.text))).eval()
+    ids = torch.randint(0, len(codec.text), (2, 6))
+    pack_linears(m)
+    assert isinstance(m.layers[0].attention.wqkv, PackedGroup)
+    apply_lora(m, ["wq", "wv", "w1"], rank=2, alpha=4.0)
+    for layer in m.layers:  # a non-zero update, so that skipping the adapters would show
+        for lora in (layer.attention.wq, layer.attention.wv, layer.feed_forward.w1):
+            torch.nn.init.normal_(lora.lora_b, std=0.5)
+    plain = apply_lora(Chameleon(m.config).eval(), ["wq", "wv", "w1"], rank=2, alpha=4.0)
+    plain.load_state_dict(m.state_dict())  # the same weights, never packed (packed copies don't deepcopy)
+    with torch.inference_mode():
+        want = plain(ids)
+        torch.testing.assert_close(m(ids), want)  # the stale groups are not used
+    pack_linears(m)  # repacking drops the groups whose layers were replaced
+    assert "wqkv" not in m.layers[0].attention._modules and "w13" not in m.layers[0].feed_forward._modules
+    with torch.inference_mode():
+        torch.testing.assert_close(m(ids), want, rtol=1e-5, atol=1e-5)

@@ -120,11 +120,17 @@ class PackedGroup(nn.Module):
     primitive call over the stacked weights instead of several narrow ones. The layers stay where
     they are (plain ``nn.Linear``, with their parameters); this module holds only the packed copy."""
 
-    def __init__(self, linears: list[nn.Linear]):
+    def __init__(self, parent: nn.Module, names: tuple[str, ...]):
         super().__init__()
-        self.layers = tuple(linears)  # not submodules: they belong to the parent
-        self.sizes = [layer.out_features for layer in linears]
+        self.names = names
+        self.layers = tuple(getattr(parent, n) for n in names)  # not submodules: they belong to the parent
+        self.sizes = [layer.out_features for layer in self.layers]
         self.repack()
+
+    def fuses(self, parent: nn.Module) -> bool:
+        """Whether ``parent`` still holds exactly these layers (not, e.g., adapters put in their place
+        since: then the parent must call its own layers)."""
+        return all(parent._modules.get(n) is layer for n, layer in zip(self.names, self.layers))
 
     @property
     def stale(self) -> bool:
@@ -147,16 +153,18 @@ def _plain_linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
             if type(child) in (nn.Linear, PackedLinear) and child.bias is None]
 
 
-def _groups(model: nn.Module) -> list[tuple[nn.Module, str, list[nn.Linear]]]:
-    """(parent, name, layers) of each ``fusable`` group whose layers are plain, supported, bias-free
-    linears of one input, dtype and device."""
+def _groups(model: nn.Module) -> list[tuple[nn.Module, str, tuple[str, ...], list[nn.Linear]]]:
+    """(parent, name, member names, layers) of each ``fusable`` group whose layers are plain,
+    supported, bias-free linears of one input, dtype and device."""
     out = []
-    for parent in model.modules():
+    for parent in list(model.modules()):
         for name, members in getattr(parent, "fusable", ()):
             layers = [getattr(parent, m, None) for m in members]
             if (all(type(x) is nn.Linear and x.bias is None and supported(x.weight) for x in layers)
                     and len({(x.in_features, x.weight.dtype, x.weight.device) for x in layers}) == 1):
-                out.append((parent, name, layers))
+                out.append((parent, name, tuple(members), layers))
+            elif isinstance(parent._modules.get(name), PackedGroup):  # its layers were replaced
+                delattr(parent, name)
     return out
 
 
@@ -169,12 +177,12 @@ def pack_linears(model: nn.Module) -> int:
     """
     with _LOCK:
         groups = _groups(model)
-        grouped = {id(x) for _, _, layers in groups for x in layers}
+        grouped = {id(x) for *_, layers in groups for x in layers}
         layers = [x for x in _plain_linears(model) if supported(x[2].weight) and id(x[2]) not in grouped]
         new_groups = [g for g in groups if not isinstance(g[0]._modules.get(g[1]), PackedGroup)]
         todo = [x for x in layers if type(x[2]) is nn.Linear or x[2].stale]
         nbytes = (sum(x[2].weight.nbytes for x in todo if type(x[2]) is nn.Linear)
-                  + sum(w.weight.nbytes for _, _, g in new_groups for w in g))
+                  + sum(w.weight.nbytes for *_, g in new_groups for w in g))
         if (todo or new_groups) and not fits(nbytes):
             return _count(model)
         for parent, name, layer in todo:
@@ -182,13 +190,13 @@ def pack_linears(model: nn.Module) -> int:
                 layer.repack()
             else:
                 setattr(parent, name, PackedLinear(layer))
-        for parent, name, members in groups:
+        for parent, name, members, layers in groups:
             group = parent._modules.get(name)
-            if isinstance(group, PackedGroup) and list(group.layers) == members:
+            if isinstance(group, PackedGroup) and group.fuses(parent):
                 if group.stale:
                     group.repack()
             else:
-                parent.add_module(name, PackedGroup(members))
+                parent.add_module(name, PackedGroup(parent, members))
         return _count(model)
 
 

@@ -381,7 +381,7 @@ class Attention(nn.Module):
         layer: int,
     ) -> torch.Tensor:
         B, T, _ = x_BTD.shape
-        if "wqkv" in self._modules:  # the three as one matmul (generation/packed.py, for inference)
+        if "wqkv" in self._modules and self.wqkv.fuses(self):  # one matmul (generation/packed.py)
             q, k, v = self.wqkv(x_BTD)
         else:
             q, k, v = self.wq(x_BTD), self.wk(x_BTD), self.wv(x_BTD)
@@ -418,7 +418,8 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(config.ffn_dim, config.dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w13(x) if "w13" in self._modules else (self.w1(x), self.w3(x))
+        fused = "w13" in self._modules and self.w13.fuses(self)
+        gate, up = self.w13(x) if fused else (self.w1(x), self.w3(x))
         return self.w2(F.silu(gate) * up)
 
 
