@@ -621,3 +621,29 @@ def test_packed_groups_step_aside_for_adapters_put_in_later(codec):
     assert "wqkv" not in m.layers[0].attention._modules and "w13" not in m.layers[0].feed_forward._modules
     with torch.inference_mode():
         torch.testing.assert_close(m(ids), want, rtol=1e-5, atol=1e-5)
+
+
+def test_an_unzeroed_cache_grows_its_rows_intact_for_the_decode_kernel(model):
+    from chameleon_lm.generation.engine import decode_step
+    from chameleon_lm.model.decode_attention import kernel_applies
+
+    g = torch.Generator().manual_seed(5)
+    seqs = [torch.randint(10, 300, (n,), generator=g) for n in (6, 2)]
+    cache = model.new_cache(2, 8)
+    for row, seq in enumerate(seqs):
+        model(seq[None], cache.rows(slice(row, row + 1)))
+    k_before = cache.k[:, :, :, :6].clone()
+    cache.grow(64, zeroed=False)
+    assert cache.max_len == 64 and torch.equal(cache.k[:, 0, :, :6], k_before[:, 0])
+    assert torch.equal(cache.k[:, 1, :, :2], k_before[:, 1, :, :2])
+    if not kernel_applies(cache.k.shape[-1], cache.k.dtype, cache.k.device):
+        pytest.skip("the reference attention reads past a row's length: caches grow zeroed for it")
+    cache.k[:, :, :, 6:].fill_(float("nan"))  # what an unwritten slot may hold
+    cache.v[:, :, :, 6:].fill_(float("nan"))
+    cache.k[:, 1, :, 2:6], cache.v[:, 1, :, 2:6] = float("nan"), float("nan")
+    nxt = torch.randint(10, 300, (2, 1), generator=g)
+    with torch.inference_mode():
+        h, _, _ = decode_step(model, nxt, cache.k, cache.v, torch.tensor([6, 2]), 6)
+        for row, seq in enumerate(seqs):
+            alone = model.hidden_states(torch.cat([seq, nxt[row]])[None])[0, -1]
+            torch.testing.assert_close(h[row, -1], alone, atol=1e-5, rtol=1e-5)

@@ -43,7 +43,7 @@ from chameleon_lm.documents import Document, DocumentCodec
 from chameleon_lm.generation.packed import PackedMatrix, _version, pack_linears, packed_modules
 from chameleon_lm.generation.sampling import GenerationConfig, cfg_mix, sample, text_scores, warp
 from chameleon_lm.model import Chameleon
-from chameleon_lm.model.decode_attention import cpu_kernel
+from chameleon_lm.model.decode_attention import cpu_kernel, kernel_applies
 from chameleon_lm.model.transformer import DecodeStep
 from chameleon_lm.tokenizers.text import TextTokenizer
 from chameleon_lm.tokenizers.vocab import IMAGE, TEXT, Vocab
@@ -532,7 +532,9 @@ class Engine:
 
     def _room(self, need: int) -> None:
         if need > self.cache.max_len:
-            self.cache.grow(min(self.max_seq_len, max(need, 2 * self.cache.max_len)))
+            k = self.cache.k
+            self.cache.grow(min(self.max_seq_len, max(need, 2 * self.cache.max_len)),
+                            zeroed=not kernel_applies(k.shape[-1], k.dtype, k.device))
 
     def _prefill(self, rows: list[tuple[_Row, list[int]]], budget: int = 2048) -> None:
         """Prefill new rows, packed into one input row per ``budget`` tokens (no padding)."""
@@ -553,6 +555,8 @@ class Engine:
     def _open_images(self, jobs: list[Job]) -> None:
         """Add the two guidance rows of each job's image block (prefilled; the full row is kept)."""
         rows = []
+        if jobs:  # room for whole blocks at once: one copy of the cache, not one per doubling
+            self._room(max(len(job.seq) for job in jobs) + self.image_seq_len + 1)
         for job in jobs:
             if job.detok is not None and (tail := job.detok.flush()):
                 job._emit(TextDelta(tail))

@@ -86,6 +86,13 @@ def _build() -> bool:
     return True
 
 
+def kernel_applies(head_dim: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether :func:`decode_attention` runs the CPU kernel for caches like these (which, unlike
+    :func:`reference`, never reads a slot past a row's length). Builds the kernels on first call."""
+    return torch.device(device).type == "cpu" and head_dim in _HEAD_DIMS and dtype in (
+        torch.float32, torch.bfloat16) and cpu_kernel()
+
+
 def decode_attention(q_BKGE: torch.Tensor, k_BKSE: torch.Tensor, v_BKSE: torch.Tensor,
                      k_new_BKE: torch.Tensor, v_new_BKE: torch.Tensor, lengths_B: torch.Tensor
                      ) -> torch.Tensor:

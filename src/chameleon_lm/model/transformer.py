@@ -173,14 +173,19 @@ class KVCache:
         and values to its own (empty) row of this cache: one prefill call, no padding."""
         return PackedRows(self, rows, lengths)
 
-    def grow(self, max_len: int) -> None:
-        """Make room for ``max_len`` tokens per row (a copy; views taken before are stale)."""
+    def grow(self, max_len: int, zeroed: bool = True) -> None:
+        """Make room for ``max_len`` tokens per row (a copy; views taken before are stale).
+
+        ``zeroed=False`` leaves the new slots unwritten, so that the memory of rows that never get
+        there is never touched (the OS maps it on first write): only for readers that never look past
+        a row's length (the CPU decode kernel; masked attention would meet NaN garbage)."""
         if max_len <= self.max_len:
             return
         n = self.length
         for name in ("k", "v"):
             old = getattr(self, name)
-            new = old.new_zeros(*old.shape[:3], max_len, old.shape[4])
+            make = old.new_zeros if zeroed else old.new_empty
+            new = make(*old.shape[:3], max_len, old.shape[4])
             new[:, :, :, :n] = old[:, :, :, :n]
             setattr(self, name, new)
 
