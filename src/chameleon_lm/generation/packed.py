@@ -157,15 +157,27 @@ def _groups(model: nn.Module) -> list[tuple[nn.Module, str, tuple[str, ...], lis
     """(parent, name, member names, layers) of each ``fusable`` group whose layers are plain,
     supported, bias-free linears of one input, dtype and device."""
     out = []
-    for parent in list(model.modules()):
+    for parent in model.modules():
         for name, members in getattr(parent, "fusable", ()):
             layers = [getattr(parent, m, None) for m in members]
             if (all(type(x) is nn.Linear and x.bias is None and supported(x.weight) for x in layers)
                     and len({(x.in_features, x.weight.dtype, x.weight.device) for x in layers}) == 1):
                 out.append((parent, name, tuple(members), layers))
-            elif isinstance(parent._modules.get(name), PackedGroup):  # its layers were replaced
-                delattr(parent, name)
     return out
+
+
+def _held(parent: nn.Module, name: str) -> PackedGroup | None:
+    """The parent's group ``name`` if it still fuses the parent's layers."""
+    group = parent._modules.get(name)
+    return group if isinstance(group, PackedGroup) and group.fuses(parent) else None
+
+
+def _drop_groups(model: nn.Module, keep: set[tuple[int, str]] = frozenset()) -> None:
+    """Remove the model's packed groups, but those at (id(parent), name) in ``keep``."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, PackedGroup) and (id(parent), name) not in keep:
+                delattr(parent, name)
 
 
 def pack_linears(model: nn.Module) -> int:
@@ -177,9 +189,10 @@ def pack_linears(model: nn.Module) -> int:
     """
     with _LOCK:
         groups = _groups(model)
+        _drop_groups(model, keep={(id(parent), name) for parent, name, *_ in groups})  # layers replaced
         grouped = {id(x) for *_, layers in groups for x in layers}
         layers = [x for x in _plain_linears(model) if supported(x[2].weight) and id(x[2]) not in grouped]
-        new_groups = [g for g in groups if not isinstance(g[0]._modules.get(g[1]), PackedGroup)]
+        new_groups = [g for g in groups if _held(g[0], g[1]) is None]
         todo = [x for x in layers if type(x[2]) is nn.Linear or x[2].stale]
         nbytes = (sum(x[2].weight.nbytes for x in todo if type(x[2]) is nn.Linear)
                   + sum(w.weight.nbytes for *_, g in new_groups for w in g))
@@ -190,13 +203,11 @@ def pack_linears(model: nn.Module) -> int:
                 layer.repack()
             else:
                 setattr(parent, name, PackedLinear(layer))
-        for parent, name, members, layers in groups:
-            group = parent._modules.get(name)
-            if isinstance(group, PackedGroup) and group.fuses(parent):
-                if group.stale:
-                    group.repack()
-            else:
+        for parent, name, members, _ in groups:
+            if (group := _held(parent, name)) is None:
                 parent.add_module(name, PackedGroup(parent, members))
+            elif group.stale:
+                group.repack()
         return _count(model)
 
 
@@ -218,10 +229,7 @@ def unpack_linears(model: nn.Module) -> None:
                 plain = nn.Linear(layer.in_features, layer.out_features, bias=False, device="meta")
                 plain.weight = layer.weight
                 setattr(parent, name, plain)
-        for parent in list(model.modules()):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, PackedGroup):
-                    delattr(parent, name)
+        _drop_groups(model)
 
 
 class PackedMatrix:

@@ -88,9 +88,11 @@ def _build() -> bool:
 
 def kernel_applies(head_dim: int, dtype: torch.dtype, device: torch.device) -> bool:
     """Whether :func:`decode_attention` runs the CPU kernel for caches like these (which, unlike
-    :func:`reference`, never reads a slot past a row's length). Builds the kernels on first call."""
-    return torch.device(device).type == "cpu" and head_dim in _HEAD_DIMS and dtype in (
-        torch.float32, torch.bfloat16) and cpu_kernel()
+    :func:`reference`, never reads a slot past a row's length). Builds the kernels on first call
+    outside compiled code."""
+    if device.type != "cpu" or head_dim not in _HEAD_DIMS or dtype not in (torch.float32, torch.bfloat16):
+        return False
+    return loaded() if torch.compiler.is_compiling() else cpu_kernel()
 
 
 def decode_attention(q_BKGE: torch.Tensor, k_BKSE: torch.Tensor, v_BKSE: torch.Tensor,
@@ -98,9 +100,7 @@ def decode_attention(q_BKGE: torch.Tensor, k_BKSE: torch.Tensor, v_BKSE: torch.T
                      ) -> torch.Tensor:
     """Attention ``[B, K, G, E]`` (fp32 on CPU) of each query over row b's keys ``[:lengths[b]]`` of
     ``k``/``v`` and its new key: the kernel where it applies, else :func:`reference`."""
-    loaded = _loaded if torch.compiler.is_compiling() else q_BKGE.device.type == "cpu" and cpu_kernel()
-    if (loaded and q_BKGE.device.type == "cpu" and q_BKGE.shape[-1] in _HEAD_DIMS
-            and k_BKSE.dtype in (torch.float32, torch.bfloat16) and k_BKSE.stride(-1) == 1):
+    if kernel_applies(q_BKGE.shape[-1], k_BKSE.dtype, q_BKGE.device) and k_BKSE.stride(-1) == 1:
         return torch.ops.chameleon_lm.decode_attention(q_BKGE, k_BKSE, v_BKSE, k_new_BKE, v_new_BKE, lengths_B)
     return reference(q_BKGE, k_BKSE, v_BKSE, k_new_BKE, v_new_BKE, lengths_B)
 
