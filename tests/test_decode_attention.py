@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from chameleon_lm.model import decode_attention as da
 
@@ -102,9 +103,49 @@ def test_kv_append_writes_each_rows_next_slot(dtype):
 def test_packed_linear_op_equals_linear():
     if not da.cpu_kernel():
         pytest.skip("no CPU kernel here")
-    from chameleon_lm.generation.packed import _pack
+    from chameleon_lm.generation.packed import BATCH_HINT
 
     g = torch.Generator().manual_seed(3)
     w, x = torch.randn(48, 32, generator=g), torch.randn(5, 32, generator=g)
-    got = torch.ops.chameleon_lm.packed_linear(x, _pack(w), 48)
+    got = torch.ops.chameleon_lm.packed_linear(x, torch.ops.mkldnn._reorder_linear_weight(w, BATCH_HINT), 48)
     torch.testing.assert_close(got, x @ w.T, atol=1e-4, rtol=1e-4)
+
+
+def _panels_or_skip() -> int:
+    if not da.cpu_kernel() or torch.ops.chameleon_lm.panel_width() == 0:
+        pytest.skip("no panel kernel in this build")
+    return torch.ops.chameleon_lm.panel_width()
+
+
+# rows: 0, 1, a partial row tile, several tiles and a partial one; inputs: a partial k block (130),
+# several blocks; outputs: less than a panel, a partial last panel, many panels
+@pytest.mark.parametrize("M,K,N", [(0, 16, 5), (1, 64, 3), (5, 130, 49), (19, 300, 97), (33, 512, 1000),
+                                   (96, 40, 130)])
+def test_panel_linear_equals_float64_math(M, K, N):
+    NR = _panels_or_skip()
+    g = torch.Generator().manual_seed(M + K + N)
+    w, x = torch.randn(N, K, generator=g), torch.randn(M, K, generator=g)
+    panels = torch.ops.chameleon_lm.pack_panels(w)
+    assert panels.shape == (-(-N // NR), K, NR)
+    got = torch.ops.chameleon_lm.panel_linear(x, panels, N)
+    assert got.shape == (M, N) and got.dtype == torch.float32
+    if M == 0:
+        return
+    want = x.double() @ w.double().T
+    # fp32 with k blocks: as close to the exact sums as the plain fp32 matmul is
+    plain = (F.linear(x, w).double() - want).abs().max()
+    assert (got.double() - want).abs().max() <= max(3 * plain, 1e-5 * K**0.5)
+    xt = torch.randn(K, M, generator=g).t()  # a non-contiguous input
+    torch.testing.assert_close(torch.ops.chameleon_lm.panel_linear(xt, panels, N), F.linear(xt, w),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_panel_linear_refuses_mismatched_panels():
+    _panels_or_skip()
+    panels = torch.ops.chameleon_lm.pack_panels(torch.randn(10, 8))
+    with pytest.raises(RuntimeError, match="inputs"):
+        torch.ops.chameleon_lm.panel_linear(torch.randn(2, 9), panels, 10)
+    with pytest.raises(RuntimeError, match="do not hold"):
+        torch.ops.chameleon_lm.panel_linear(torch.randn(2, 8), panels, 1000)
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.chameleon_lm.panel_linear(torch.randn(2, 8).double(), panels, 10)

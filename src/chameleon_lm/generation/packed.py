@@ -1,11 +1,18 @@
-"""oneDNN-prepacked weights for decoding on CPU in fp32 (and bf16 where the CPU has bf16 instructions).
+"""Prepacked weights for decoding on CPU: fp32 on panels for our kernel, bf16 on oneDNN.
 
-Decoding multiplies a handful of rows by every weight matrix, so its speed is how fast the weights
-stream from memory. PyTorch's default CPU matmul (MKL) reads an ``[out, in]`` matrix at a third to a
-half of the machine's memory bandwidth when the batch is 1–24 rows; oneDNN's inner-product primitive on
-a weight reordered once into its blocked layout reads it 1.5–3× faster (bench/RESULTS.md), and it is
-also faster for prefill. PyTorch ships both the reorder and the primitive (they are what
-``torch.compile`` uses for frozen CPU linears); this module applies them to an eager model:
+Decoding multiplies a handful of rows by every weight matrix, so its speed is how well the weight
+stream from memory overlaps the arithmetic. PyTorch's default CPU matmul (MKL) reads an ``[out, in]``
+matrix at a third to a half of the machine's memory bandwidth when the batch is 1–24 rows. Two packed
+layouts do better (bench/RESULTS.md):
+
+- fp32: ``chameleon_lm::panel_linear`` (``model/cpu_kernels.cpp``, built with the decoding kernels) on
+  the weight repacked once into column panels: it prefetches the next panel while computing this one,
+  1.3× oneDNN's inner product at 32 rows, no slower from 1 row to prefill sizes;
+- bf16 (where the CPU has bf16 instructions), and fp32 without the kernels: oneDNN's inner-product
+  primitive on a weight reordered into its blocked layout (what ``torch.compile`` uses for frozen CPU
+  linears), 1.5–3× MKL at a few rows.
+
+This module applies them to an eager model:
 
 - :func:`pack_linears` swaps, once, every bias-free ``nn.Linear`` of the model for a
   :class:`PackedLinear` holding the same weight parameter and a packed copy (a non-persistent buffer);
@@ -15,10 +22,10 @@ also faster for prefill. PyTorch ships both the reorder and the primitive (they 
   patched per call, any number of threads may run the model. The packed copy is used only under ``torch.no_grad``/``inference_mode``
   for CPU inputs of the weight's dtype and while the weight is unchanged (its version counter; a write through
   ``weight.data`` bypasses the counter and is not seen): anything else goes through ``F.linear``.
-- In a compiled graph (the engine's compiled decode step) the packed copy is one opaque op
-  (``chameleon_lm::packed_linear``, a C++ operator built with the decoding kernels, see
-  ``model/decode_attention.py``; without them the graph takes ``F.linear``), and the version check
-  is the caller's (:meth:`PackedLinear.stale` before each call).
+- In a compiled graph (the engine's compiled decode step) the packed copy is one opaque C++ op
+  (``panel_linear``, or ``chameleon_lm::packed_linear`` for oneDNN's, see ``model/decode_attention.py``;
+  without the kernels the graph takes ``F.linear``), and the version check is the caller's
+  (:meth:`PackedLinear.stale` before each call).
 - :class:`PackedMatrix` is a packed ``x @ w.T`` for a matrix of its own (the engine's text and image
   rows of the output head).
 
@@ -35,16 +42,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from chameleon_lm.model.decode_attention import cpu_kernel
 from chameleon_lm.model.decode_attention import loaded as cpu_kernels_loaded
 
 BATCH_HINT = 8
-"""Rows the reorder is tuned for; measured as good as hint 1 at one row and better at 3–512 rows."""
+"""Rows oneDNN's reorder is tuned for; measured as good as hint 1 at one row and better at 3–512 rows."""
 
 _LOCK = threading.Lock()
 
 
-def _pack(weight: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), BATCH_HINT)
+def _pack(weight: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The packed copy, and whether it is in panels (fp32 with the CPU kernels) rather than oneDNN's."""
+    w = weight.detach().contiguous()
+    if w.dtype == torch.float32 and cpu_kernel() and torch.ops.chameleon_lm.panel_width() > 0:
+        return torch.ops.chameleon_lm.pack_panels(w), True
+    return torch.ops.mkldnn._reorder_linear_weight(w, BATCH_HINT), False
 
 
 def _version(weight: torch.Tensor) -> int | None:
@@ -74,10 +86,10 @@ def _primitive(x_ND: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x_ND, packed, None, "none", [], "")
 
 
-def _packed_matmul(x: torch.Tensor, packed: torch.Tensor, weights: list[torch.Tensor],
+def _packed_matmul(x: torch.Tensor, packed: torch.Tensor, panels: bool, weights: list[torch.Tensor],
                    versions: list[int | None], out_features: int) -> torch.Tensor | None:
-    """``x @ W.T`` on the packed copy of the (row-stacked) ``weights``, or None where the copy is not
-    valid (the caller then runs the plain layers)."""
+    """``x @ W.T`` on the packed copy of the (row-stacked) ``weights`` (``panels``: :func:`_pack`'s
+    layout flag), or None where the copy is not valid (the caller then runs the plain layers)."""
     compiling = torch.compiler.is_compiling()
     if (torch.is_grad_enabled() or x.dtype != weights[0].dtype or x.device.type != "cpu"
             # a graph can't read the versions (its caller checks them), and inductor lowers the
@@ -86,8 +98,11 @@ def _packed_matmul(x: torch.Tensor, packed: torch.Tensor, weights: list[torch.Te
             or (not compiling and any(_version(w) != v for w, v in zip(weights, versions)))):
         return None
     x_ND = x.reshape(-1, x.shape[-1])
-    y = (torch.ops.chameleon_lm.packed_linear(x_ND, packed, out_features) if compiling
-         else _primitive(x_ND, packed))
+    if panels:
+        y = torch.ops.chameleon_lm.panel_linear(x_ND, packed, out_features)
+    else:
+        y = (torch.ops.chameleon_lm.packed_linear(x_ND, packed, out_features) if compiling
+             else _primitive(x_ND, packed))
     return y.view(*x.shape[:-1], out_features)
 
 
@@ -99,7 +114,8 @@ class PackedLinear(nn.Linear):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.register_parameter("bias", None)
-        self.register_buffer("packed", _pack(self.weight), persistent=False)
+        packed, self.panels = _pack(self.weight)
+        self.register_buffer("packed", packed, persistent=False)
         self.version = _version(self.weight)
 
     @property
@@ -107,10 +123,10 @@ class PackedLinear(nn.Linear):
         return _version(self.weight) != self.version
 
     def repack(self) -> None:
-        self.packed, self.version = _pack(self.weight), _version(self.weight)
+        (self.packed, self.panels), self.version = _pack(self.weight), _version(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _packed_matmul(x, self.packed, [self.weight], [self.version], self.out_features)
+        y = _packed_matmul(x, self.packed, self.panels, [self.weight], [self.version], self.out_features)
         return F.linear(x, self.weight) if y is None else y
 
 
@@ -138,12 +154,13 @@ class PackedGroup(nn.Module):
 
     def repack(self) -> None:
         weights = [layer.weight.detach() for layer in self.layers]
-        self.register_buffer("packed", _pack(torch.cat(weights)), persistent=False)
+        packed, self.panels = _pack(torch.cat(weights))
+        self.register_buffer("packed", packed, persistent=False)
         self.versions = [_version(w) for w in weights]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        y = _packed_matmul(x, self.packed, [layer.weight for layer in self.layers], self.versions,
-                           sum(self.sizes))
+        y = _packed_matmul(x, self.packed, self.panels, [layer.weight for layer in self.layers],
+                           self.versions, sum(self.sizes))
         return tuple(layer(x) for layer in self.layers) if y is None else y.split(self.sizes, -1)
 
 
@@ -237,9 +254,10 @@ class PackedMatrix:
 
     def __init__(self, w: torch.Tensor, pack: bool = True):
         self.w = w.detach()
-        self.packed = _pack(self.w) if pack and supported(self.w) and fits(self.w.nbytes) else None
+        self.packed, self.panels = (_pack(self.w) if pack and supported(self.w) and fits(self.w.nbytes)
+                                    else (None, False))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = None if self.packed is None else _packed_matmul(x, self.packed, [self.w], [_version(self.w)],
-                                                            self.w.shape[0])
+        y = None if self.packed is None else _packed_matmul(x, self.packed, self.panels, [self.w],
+                                                            [_version(self.w)], self.w.shape[0])
         return F.linear(x, self.w) if y is None else y

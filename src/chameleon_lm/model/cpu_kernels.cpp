@@ -10,12 +10,15 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include <array>
 #include <cmath>
 #include <cstring>
+#include <utility>
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
 #endif
@@ -237,18 +240,157 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, int64_t 
   return stack[0].toTensor();
 }
 
+// --- fp32 linear layers on panels -----------------------------------------------------------------
+// x [M, K] @ W.T with W [N, K] repacked once into panels of NR columns, [P, K, NR] (k-major, the last
+// panel zero-padded): a k step loads NR contiguous weights. Threads take runs of panels; a row tile
+// of 8 (AVX2: 6) rows keeps 3 (2) vectors of each in registers. Decoding's few rows make the weights
+// the traffic: while a panel is computed (for every row tile, from L2), the next one is prefetched,
+// spread over all the tiles, so the weight stream overlaps the arithmetic (oneDNN's inner product did
+// one after the other, bench/RESULTS.md).
+#if defined(CPU_CAPABILITY_AVX512)
+using Reg = __m512;
+constexpr int kPanelVecs = 3, kTileRows = 8;
+inline Reg reg_zero() { return _mm512_setzero_ps(); }
+inline Reg reg_load(const float* p) { return _mm512_loadu_ps(p); }
+inline Reg reg_set1(float x) { return _mm512_set1_ps(x); }
+inline Reg reg_fma(Reg a, Reg b, Reg c) { return _mm512_fmadd_ps(a, b, c); }
+inline Reg reg_add(Reg a, Reg b) { return _mm512_add_ps(a, b); }
+inline void reg_store(float* p, Reg x) { _mm512_storeu_ps(p, x); }
+#define CHAMELEON_PANELS 1
+#elif defined(CPU_CAPABILITY_AVX2)
+using Reg = __m256;
+constexpr int kPanelVecs = 2, kTileRows = 6;  // 12 accumulators + 3 operands of 16 registers
+inline Reg reg_zero() { return _mm256_setzero_ps(); }
+inline Reg reg_load(const float* p) { return _mm256_loadu_ps(p); }
+inline Reg reg_set1(float x) { return _mm256_set1_ps(x); }
+inline Reg reg_fma(Reg a, Reg b, Reg c) { return _mm256_fmadd_ps(a, b, c); }
+inline Reg reg_add(Reg a, Reg b) { return _mm256_add_ps(a, b); }
+inline void reg_store(float* p, Reg x) { _mm256_storeu_ps(p, x); }
+#define CHAMELEON_PANELS 1
+#endif
+
+#ifdef CHAMELEON_PANELS
+constexpr int64_t kLanes = sizeof(Reg) / sizeof(float);
+constexpr int64_t kPanel = kPanelVecs * kLanes;  // NR, columns per panel
+constexpr int64_t kBlockK = 128;  // partial sums leave the registers every 128 k: shorter rounding chains
+
+// c[m, :ncols] = a[m, :K] . panel [K, NR] for R rows, prefetching `lines` cache lines from `pf`.
+template <int R>
+void panel_tile(const float* a, int64_t lda, const float* panel, int64_t K, float* c, int64_t ldc,
+                int64_t ncols, const char* pf, int64_t lines) {
+  alignas(64) float sums[R][kPanel];
+  int64_t credit = 0;
+  for (int64_t k0 = 0; k0 < K; k0 += kBlockK) {
+    const int64_t k1 = std::min(K, k0 + kBlockK);
+    Reg acc[R][kPanelVecs];
+#pragma GCC unroll 8
+    for (int m = 0; m < R; m++)
+#pragma GCC unroll 4
+      for (int j = 0; j < kPanelVecs; j++) acc[m][j] = reg_zero();
+    for (int64_t k = k0; k < k1; k++) {
+      for (credit += lines; credit >= K; credit -= K) {  // `lines` spread evenly over the K steps
+        _mm_prefetch(pf, _MM_HINT_T1);
+        pf += 64;
+      }
+      Reg b[kPanelVecs];
+#pragma GCC unroll 4
+      for (int j = 0; j < kPanelVecs; j++) b[j] = reg_load(panel + k * kPanel + j * kLanes);
+#pragma GCC unroll 8
+      for (int m = 0; m < R; m++) {
+        const Reg x = reg_set1(a[m * lda + k]);
+#pragma GCC unroll 4
+        for (int j = 0; j < kPanelVecs; j++) acc[m][j] = reg_fma(x, b[j], acc[m][j]);
+      }
+    }
+    for (int m = 0; m < R; m++)
+      for (int j = 0; j < kPanelVecs; j++)
+        reg_store(sums[m] + j * kLanes, k0 == 0 ? acc[m][j] : reg_add(reg_load(sums[m] + j * kLanes), acc[m][j]));
+  }
+  for (int m = 0; m < R; m++) std::memcpy(c + m * ldc, sums[m], ncols * sizeof(float));
+}
+
+using PanelTile = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t, const char*,
+                           int64_t);
+template <int... I>
+constexpr std::array<PanelTile, sizeof...(I)> panel_tiles(std::integer_sequence<int, I...>) {
+  return {&panel_tile<I + 1>...};
+}
+constexpr auto kPanelTiles = panel_tiles(std::make_integer_sequence<int, kTileRows>{});  // by rows - 1
+#else
+constexpr int64_t kPanel = 0;  // no panel kernel in a build without vector intrinsics
+#endif
+
+int64_t panel_width() { return kPanel; }
+
+// W [N, K] float32 -> panels [ceil(N / NR), K, NR].
+at::Tensor pack_panels(const at::Tensor& w) {
+  TORCH_CHECK(kPanel > 0, "pack_panels: this build has no panel kernel");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat, "pack_panels: expected a 2-D float32 weight");
+  const int64_t N = w.size(0), K = w.size(1), P = (N + kPanel - 1) / std::max<int64_t>(kPanel, 1);
+  auto out = at::zeros({P, K, kPanel}, w.options());
+  const auto wc = w.contiguous();
+  const float* src = wc.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; p++)
+      for (int64_t n = p * kPanel; n < std::min(N, (p + 1) * kPanel); n++)
+        for (int64_t k = 0; k < K; k++) dst[(p * K + k) * kPanel + n - p * kPanel] = src[n * K + k];
+  });
+  return out;
+}
+
+// x [M, K] float32 @ W.T for W packed by pack_panels: [M, out_features].
+at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels, int64_t out_features) {
+  TORCH_CHECK(kPanel > 0, "panel_linear: this build has no panel kernel");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && panels.scalar_type() == at::kFloat,
+              "panel_linear: expected float32 x [M, K]");
+  TORCH_CHECK(panels.dim() == 3 && panels.size(2) == kPanel && panels.size(1) == x.size(1) && panels.is_contiguous(),
+              "panel_linear: panels ", panels.sizes(), " are not pack_panels' of a weight with ", x.size(1),
+              " inputs");
+  const int64_t M = x.size(0), K = x.size(1), P = panels.size(0), N = out_features;
+  TORCH_CHECK(N > (P - 1) * kPanel && N <= P * kPanel, "panel_linear: ", P, " panels do not hold ", N, " outputs");
+  auto out = at::empty({M, N}, x.options());
+  if (M == 0) return out;
+  if (K == 0) return out.zero_();
+#ifdef CHAMELEON_PANELS
+  const auto xc = x.contiguous();
+  const float* a = xc.data_ptr<float>();
+  const float* b = panels.data_ptr<float>();
+  float* c = out.data_ptr<float>();
+  const int64_t tiles = (M + kTileRows - 1) / kTileRows, panel_lines = K * kPanel * 4 / 64;
+  at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; p++) {
+      const float* panel = b + p * K * kPanel;
+      const char* next = reinterpret_cast<const char*>(panel + K * kPanel);
+      const int64_t lines = p + 1 < end ? panel_lines : 0, ncols = std::min(kPanel, N - p * kPanel);
+      for (int64_t t = 0; t < tiles; t++) {
+        const int64_t m = t * kTileRows, rows = std::min<int64_t>(kTileRows, M - m);
+        const int64_t l0 = lines * t / tiles, l1 = lines * (t + 1) / tiles;
+        kPanelTiles[rows - 1](a + m * K, K, panel, K, c + m * N + p * kPanel, N, ncols, next + l0 * 64, l1 - l0);
+      }
+    }
+  });
+#endif
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(chameleon_lm, m) {
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor k_new, Tensor v_new, Tensor lengths) -> Tensor");
   m.def("kv_append(Tensor(a!) k, Tensor(b!) v, Tensor k_new, Tensor v_new, Tensor lengths) -> ()");
   m.def("packed_linear(Tensor x, Tensor packed, int out_features) -> Tensor");
+  m.def("panel_width() -> int", &panel_width);  // NR of this build (0: no panel kernel)
+  m.def("pack_panels(Tensor w) -> Tensor");
+  m.def("panel_linear(Tensor x, Tensor panels, int out_features) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(chameleon_lm, CPU, m) {
   m.impl("decode_attention", &decode_attention);
   m.impl("kv_append", &kv_append);
   m.impl("packed_linear", &packed_linear);
+  m.impl("pack_panels", &pack_panels);
+  m.impl("panel_linear", &panel_linear);
 }
 
 // the weight reordered by mkldnn::_reorder_linear_weight may be an opaque MKL-DNN tensor

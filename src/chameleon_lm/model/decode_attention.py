@@ -4,9 +4,10 @@ Each row's query attends over the row's first ``lengths[b]`` cached keys and its
 softmax. On CPU this runs a small C++ kernel (``cpu_kernels.cpp``), built with
 ``torch.utils.cpp_extension`` on first use (a C++ compiler is needed, as for ``torch.compile``; the
 build is cached) and registered as ``chameleon_lm::decode_attention``, so compiled steps call it too.
-The same extension holds the step's two other CPU operators: ``chameleon_lm::kv_append``
-(:meth:`KVCache.append`'s write) and ``chameleon_lm::packed_linear`` (``generation/packed.py``'s
-oneDNN linear, callable from a compiled graph without a trip through Python).
+The same extension holds the step's other CPU operators: ``chameleon_lm::kv_append``
+(:meth:`KVCache.append`'s write), ``chameleon_lm::pack_panels`` / ``panel_linear`` (fp32 linear layers
+on weight panels, prefetching) and ``chameleon_lm::packed_linear`` (oneDNN's linear): the packed
+layers of ``generation/packed.py``, callable from a compiled graph without a trip through Python.
 It reads only each row's own keys, once per KV head, from fp32 or bf16 caches; the fused SDPA
 kernels, made for long queries, stream decode-time caches at a fraction of the memory bandwidth
 (bench/RESULTS.md). Without a compiler, off CPU, or with ``CHAMELEON_CPU_KERNELS=0``,
@@ -81,6 +82,10 @@ def _build() -> bool:
 
     @torch.library.register_fake("chameleon_lm::packed_linear")
     def _(x, packed, out_features):
+        return x.new_empty(x.shape[0], out_features)
+
+    @torch.library.register_fake("chameleon_lm::panel_linear")
+    def _(x, panels, out_features):
         return x.new_empty(x.shape[0], out_features)
 
     return True
