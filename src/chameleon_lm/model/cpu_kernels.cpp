@@ -81,11 +81,16 @@ void attend(const U* q, const T* k, const T* v, const U* k_new, const U* v_new,
   at::parallel_for(0, B * K, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(S + 1);
     float* sc = scores.data();
+    auto length = [&](int64_t bk) { return std::min<int64_t>(std::max<int64_t>(lengths[bk / K], 0), S); };
+    auto keys = [&](int64_t bk) { return k + (bk / K) * ks[0] + (bk % K) * ks[1]; };
     for (int64_t bk = begin; bk < end; bk++) {
       const int64_t b = bk / K, h = bk % K;
-      const int64_t n = std::min<int64_t>(std::max<int64_t>(lengths[b], 0), S);
-      const T* kb = k + b * ks[0] + h * ks[1];
+      const int64_t n = length(bk);
+      const T* kb = keys(bk);
       const T* vb = v + b * vs[0] + h * vs[1];
+      // read-ahead runs on into the next (row, head) of this thread, never past a row's length
+      const T* kb_next = bk + 1 < end ? keys(bk + 1) : nullptr;
+      const int64_t n_next = bk + 1 < end ? length(bk + 1) : 0;
       const U* kn = k_new + bk * E;
       const U* vn = v_new + bk * E;
       for (int64_t g = 0; g < G; g++) {
@@ -95,7 +100,12 @@ void attend(const U* q, const T* k, const T* v, const U* k_new, const U* v_new,
         for (; s + 4 <= n; s += 4) {  // four keys at a time: independent accumulators
           const T* k0 = kb + s * ks[2];
           if (g == 0) {  // one core's demand misses do not fill the memory bus: fetch ahead
-            prefetch(k0 + kAhead * ks[2], 4 * ks[2]);
+            const int64_t ahead = s + kAhead;
+            if (ahead + 4 <= n) {
+              prefetch(k0 + kAhead * ks[2], 4 * ks[2]);
+            } else if (ahead - n + 4 <= n_next) {
+              prefetch(kb_next + std::max<int64_t>(ahead - n, 0) * ks[2], 4 * ks[2]);
+            }
             prefetch(vb + s * vs[2], 4 * vs[2]);
           }
           Vec a0(0), a1(0), a2(0), a3(0);
