@@ -2,6 +2,11 @@
 
     python bench/bench_serving.py --model small=/tmp/serve-bench/small-native:/tmp/serve-bench/small-hf \
         --vllm-python /work/venvs/vllm/bin/python [--dtype fp32 bf16] [--concurrency 1 8 32]
+    python bench/bench_serving.py --model quickstart=runs/quickstart/model:/tmp/serve-bench/qs-hf \
+        --vllm-python ... --vllm-arg 'quickstart=--max-model-len=512 --limit-mm-per-prompt={"image":0}'
+
+(the quickstart's BPE has no ``<image>`` token, which vLLM's Chameleon processor needs to profile
+image inputs: text-only serving skips that profile)
 
 Each ``--model NAME=NATIVE_DIR:HF_DIR`` (folders from ``bench/serve_models.py``: the same weights in our
 layout and Hugging Face's) is served by ``chameleon serve`` and by vLLM 0.28, both up at once and
