@@ -257,27 +257,25 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, int64_t 
 // the traffic: while a panel is computed (for every row tile, from L2), the next one is prefetched,
 // spread over all the tiles, so the weight stream overlaps the arithmetic (oneDNN's inner product did
 // one after the other, bench/RESULTS.md).
+// the register type R and its operations, P the intrinsics' prefix (_mm512, _mm256)
+#define CHAMELEON_PANEL_OPS(R, P)                                                 \
+  using Reg = R;                                                                  \
+  inline Reg reg_zero() { return P##_setzero_ps(); }                              \
+  inline Reg reg_load(const float* p) { return P##_loadu_ps(p); }                 \
+  inline Reg reg_set1(float x) { return P##_set1_ps(x); }                         \
+  inline Reg reg_fma(Reg a, Reg b, Reg c) { return P##_fmadd_ps(a, b, c); }       \
+  inline Reg reg_add(Reg a, Reg b) { return P##_add_ps(a, b); }                   \
+  inline void reg_store(float* p, Reg x) { P##_storeu_ps(p, x); }
 #if defined(CPU_CAPABILITY_AVX512)
-using Reg = __m512;
+CHAMELEON_PANEL_OPS(__m512, _mm512)
 constexpr int kPanelVecs = 3, kTileRows = 8;
-inline Reg reg_zero() { return _mm512_setzero_ps(); }
-inline Reg reg_load(const float* p) { return _mm512_loadu_ps(p); }
-inline Reg reg_set1(float x) { return _mm512_set1_ps(x); }
-inline Reg reg_fma(Reg a, Reg b, Reg c) { return _mm512_fmadd_ps(a, b, c); }
-inline Reg reg_add(Reg a, Reg b) { return _mm512_add_ps(a, b); }
-inline void reg_store(float* p, Reg x) { _mm512_storeu_ps(p, x); }
 #define CHAMELEON_PANELS 1
 #elif defined(CPU_CAPABILITY_AVX2)
-using Reg = __m256;
+CHAMELEON_PANEL_OPS(__m256, _mm256)
 constexpr int kPanelVecs = 2, kTileRows = 6;  // 12 accumulators + 3 operands of 16 registers
-inline Reg reg_zero() { return _mm256_setzero_ps(); }
-inline Reg reg_load(const float* p) { return _mm256_loadu_ps(p); }
-inline Reg reg_set1(float x) { return _mm256_set1_ps(x); }
-inline Reg reg_fma(Reg a, Reg b, Reg c) { return _mm256_fmadd_ps(a, b, c); }
-inline Reg reg_add(Reg a, Reg b) { return _mm256_add_ps(a, b); }
-inline void reg_store(float* p, Reg x) { _mm256_storeu_ps(p, x); }
 #define CHAMELEON_PANELS 1
 #endif
+#undef CHAMELEON_PANEL_OPS
 
 #ifdef CHAMELEON_PANELS
 constexpr int64_t kLanes = sizeof(Reg) / sizeof(float);
