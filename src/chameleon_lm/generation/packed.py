@@ -7,7 +7,7 @@ layouts do better (bench/RESULTS.md):
 
 - fp32: ``chameleon_lm::panel_linear`` (``model/cpu_kernels.cpp``, built with the decoding kernels) on
   the weight repacked once into column panels: it prefetches the next panel while computing this one,
-  1.3× oneDNN's inner product at 32 rows, no slower from 1 row to prefill sizes;
+  1.1–1.5× oneDNN's inner product at 8–96 rows, at par at 1 row, within 10 % at prefill sizes;
 - bf16 (where the CPU has bf16 instructions), and fp32 without the kernels: oneDNN's inner-product
   primitive on a weight reordered into its blocked layout (what ``torch.compile`` uses for frozen CPU
   linears), 1.5–3× MKL at a few rows.
