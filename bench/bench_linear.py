@@ -13,6 +13,7 @@ Appends the table to bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import torch
@@ -33,6 +34,17 @@ def shapes(config: ChameleonConfig) -> list[tuple[int, int]]:
     return layer * config.n_layers + [(TEXT_HEAD_ROWS, config.dim)]
 
 
+def one_pass(ws: list[torch.Tensor], packed: list[torch.Tensor], fn, xs: dict[int, torch.Tensor],
+             out: list[list[float]]) -> None:
+    """One pass over the model's matmuls, each timed on its own; appends the seconds to ``out``."""
+    ts = []
+    for w, p in zip(ws, packed):
+        t0 = time.perf_counter()
+        fn(xs[w.shape[1]], p, w.shape[0])
+        ts.append(time.perf_counter() - t0)
+    out.append(ts)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="small")
@@ -51,31 +63,16 @@ def main() -> None:
                    lambda x, p, n: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")),
         "MKL": (ws, lambda x, w, n: F.linear(x, w)),
     }
-    lines = ["| rows | layers: panels / oneDNN / MKL (ms) | head: panels / oneDNN / MKL (ms) | "
-             "panels vs oneDNN (layers, head) | panels vs MKL (layers, head) |", "| --- | --- | --- | --- | --- |"]
+    lines = [("| rows | layers: panels / oneDNN / MKL (ms) | head: panels / oneDNN / MKL (ms) | "
+              "panels vs oneDNN (layers, head) | panels vs MKL (layers, head) |"), "| --- | --- | --- | --- | --- |"]
     for rows in args.rows:
         xs = {k: torch.randn(rows, k, generator=g) for k in {w.shape[1] for w in ws}}
-        spent: dict[str, list[float]] = {}
-
-        def sweep(kind: str) -> None:
-            packed, fn = kinds[kind]
-            ts = spent[kind] = []
-            for w, p in zip(ws, packed):
-                t0 = time.perf_counter()
-                fn(xs[w.shape[1]], p, w.shape[0])
-                ts.append(time.perf_counter() - t0)
-
-        layers: dict[str, list[float]] = {k: [] for k in kinds}
-        head: dict[str, list[float]] = {k: [] for k in kinds}
-
-        def one(kind: str):
-            def run() -> None:
-                sweep(kind)
-                layers[kind].append(sum(spent[kind][:-1]))
-                head[kind].append(spent[kind][-1])
-            return run
-
-        timed_interleaved({k: one(k) for k in kinds}, warmup=2, repeat=args.repeat)
+        passes: dict[str, list[list[float]]] = {k: [] for k in kinds}
+        warmup = 2
+        timed_interleaved({k: functools.partial(one_pass, ws, *kinds[k], xs, passes[k]) for k in kinds},
+                          warmup=warmup, repeat=args.repeat)
+        layers = {k: [sum(ts[:-1]) for ts in v[warmup:]] for k, v in passes.items()}
+        head = {k: [ts[-1] for ts in v[warmup:]] for k, v in passes.items()}
         med = {k: (sorted(layers[k])[len(layers[k]) // 2] * 1e3, sorted(head[k])[len(head[k]) // 2] * 1e3)
                for k in kinds}
         p, o, m = med["panels"], med["oneDNN"], med["MKL"]

@@ -51,12 +51,13 @@ BATCH_HINT = 8
 _LOCK = threading.Lock()
 
 
-def _pack(weight: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """The packed copy, and whether it is in panels (fp32 with the CPU kernels) rather than oneDNN's."""
+def _pack(weight: torch.Tensor) -> torch.Tensor:
+    """The packed copy: panels ``[P, in, NR]`` for our kernel (fp32 with the CPU kernels), else
+    oneDNN's reordered ``[out, in]`` (an MKL-DNN tensor); the number of dims tells them apart."""
     w = weight.detach().contiguous()
     if w.dtype == torch.float32 and cpu_kernel() and torch.ops.chameleon_lm.panel_width() > 0:
-        return torch.ops.chameleon_lm.pack_panels(w), True
-    return torch.ops.mkldnn._reorder_linear_weight(w, BATCH_HINT), False
+        return torch.ops.chameleon_lm.pack_panels(w)
+    return torch.ops.mkldnn._reorder_linear_weight(w, BATCH_HINT)
 
 
 def _version(weight: torch.Tensor) -> int | None:
@@ -86,10 +87,10 @@ def _primitive(x_ND: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x_ND, packed, None, "none", [], "")
 
 
-def _packed_matmul(x: torch.Tensor, packed: torch.Tensor, panels: bool, weights: list[torch.Tensor],
+def _packed_matmul(x: torch.Tensor, packed: torch.Tensor, weights: list[torch.Tensor],
                    versions: list[int | None], out_features: int) -> torch.Tensor | None:
-    """``x @ W.T`` on the packed copy of the (row-stacked) ``weights`` (``panels``: :func:`_pack`'s
-    layout flag), or None where the copy is not valid (the caller then runs the plain layers)."""
+    """``x @ W.T`` on the packed copy (:func:`_pack`) of the (row-stacked) ``weights``, or None where
+    the copy is not valid (the caller then runs the plain layers)."""
     compiling = torch.compiler.is_compiling()
     if (torch.is_grad_enabled() or x.dtype != weights[0].dtype or x.device.type != "cpu"
             # a graph can't read the versions (its caller checks them), and inductor lowers the
@@ -98,7 +99,7 @@ def _packed_matmul(x: torch.Tensor, packed: torch.Tensor, panels: bool, weights:
             or (not compiling and any(_version(w) != v for w, v in zip(weights, versions)))):
         return None
     x_ND = x.reshape(-1, x.shape[-1])
-    if panels:
+    if packed.dim() == 3:  # panels
         y = torch.ops.chameleon_lm.panel_linear(x_ND, packed, out_features)
     else:
         y = (torch.ops.chameleon_lm.packed_linear(x_ND, packed, out_features) if compiling
@@ -114,8 +115,7 @@ class PackedLinear(nn.Linear):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.register_parameter("bias", None)
-        packed, self.panels = _pack(self.weight)
-        self.register_buffer("packed", packed, persistent=False)
+        self.register_buffer("packed", _pack(self.weight), persistent=False)
         self.version = _version(self.weight)
 
     @property
@@ -123,10 +123,10 @@ class PackedLinear(nn.Linear):
         return _version(self.weight) != self.version
 
     def repack(self) -> None:
-        (self.packed, self.panels), self.version = _pack(self.weight), _version(self.weight)
+        self.packed, self.version = _pack(self.weight), _version(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _packed_matmul(x, self.packed, self.panels, [self.weight], [self.version], self.out_features)
+        y = _packed_matmul(x, self.packed, [self.weight], [self.version], self.out_features)
         return F.linear(x, self.weight) if y is None else y
 
 
@@ -154,13 +154,12 @@ class PackedGroup(nn.Module):
 
     def repack(self) -> None:
         weights = [layer.weight.detach() for layer in self.layers]
-        packed, self.panels = _pack(torch.cat(weights))
-        self.register_buffer("packed", packed, persistent=False)
+        self.register_buffer("packed", _pack(torch.cat(weights)), persistent=False)
         self.versions = [_version(w) for w in weights]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        y = _packed_matmul(x, self.packed, self.panels, [layer.weight for layer in self.layers],
-                           self.versions, sum(self.sizes))
+        y = _packed_matmul(x, self.packed, [layer.weight for layer in self.layers], self.versions,
+                           sum(self.sizes))
         return tuple(layer(x) for layer in self.layers) if y is None else y.split(self.sizes, -1)
 
 
@@ -254,10 +253,9 @@ class PackedMatrix:
 
     def __init__(self, w: torch.Tensor, pack: bool = True):
         self.w = w.detach()
-        self.packed, self.panels = (_pack(self.w) if pack and supported(self.w) and fits(self.w.nbytes)
-                                    else (None, False))
+        self.packed = _pack(self.w) if pack and supported(self.w) and fits(self.w.nbytes) else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = None if self.packed is None else _packed_matmul(x, self.packed, self.panels, [self.w],
-                                                            [_version(self.w)], self.w.shape[0])
+        y = None if self.packed is None else _packed_matmul(x, self.packed, [self.w], [_version(self.w)],
+                                                            self.w.shape[0])
         return F.linear(x, self.w) if y is None else y
